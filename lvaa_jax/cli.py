@@ -1,0 +1,74 @@
+"""What every absl entry point shares: config-file flag, workdir default, one-line errors."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+from lvaa_jax.errors import LvaaError
+
+
+def define_config_flags(default_config: str = "configs/default.py") -> tuple[flags.FlagHolder, flags.FlagHolder]:
+    """Defines ``--config`` (file[:variant], with ``--config.a.b=v`` overrides) and ``--workdir``."""
+    config = config_flags.DEFINE_config_file(
+        "config", default_config, "Config file, optionally with a variant: configs/default.py:tiny.", lock_config=True
+    )
+    workdir = flags.DEFINE_string("workdir", None, "Run folder (default: runs/<config name>).")
+    return config, workdir
+
+
+def resolve(config_flag: flags.FlagHolder, workdir_flag: flags.FlagHolder) -> tuple[ml_collections.ConfigDict, Path]:
+    """The loaded config and the run folder; a config that failed to load becomes a one-line error."""
+    config = config_flag.value
+    if not isinstance(config, ml_collections.ConfigDict):
+        try:
+            config.name  # _ErrorConfig raises the load error on any access
+        except Exception as e:  # noqa: BLE001 - re-raised as a user error
+            raise LvaaError(f"--config: {_first_line(e)}") from None
+        raise LvaaError(f"--config: {config!r} is not a ConfigDict (does get_config return one?)")
+    workdir = Path(workdir_flag.value or Path("runs") / config.name)
+    return config, workdir
+
+
+def _first_line(error: BaseException) -> str:
+    cause = error.__cause__ or error
+    text = " ".join(str(cause).replace("\\n", " ").split())
+    return text.strip("'\"") or type(cause).__name__
+
+
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _exit(f"{e}. Pass --helpfull to see the flags.")
+    except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+        # ml_collections raises these for `--config.train.stpes=1` and friends.
+        _exit(f"bad flag: {_first_line(e)}")
+
+
+def _exit(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run(main: Callable[[Sequence[str]], None]) -> None:
+    """``absl.app.run`` whose user errors (LvaaError, bad flags) end as ``error: ...`` and exit code 2."""
+
+    def guarded(argv: Sequence[str]) -> None:
+        if len(argv) > 1:
+            _exit(f"unexpected arguments {list(argv[1:])}; every option is a --flag")
+        logging.getLogger("absl").setLevel(logging.INFO)
+        try:
+            main(argv)
+        except LvaaError as e:
+            _exit(str(e))
+        except KeyboardInterrupt:
+            _exit("interrupted; run the same command again to resume")
+
+    app.run(guarded, flags_parser=_parse_flags)
