@@ -28,7 +28,7 @@ def resolve(config_flag: flags.FlagHolder, workdir_flag: flags.FlagHolder) -> tu
     config = config_flag.value
     if not isinstance(config, ml_collections.ConfigDict):
         try:
-            config.name  # _ErrorConfig raises the load error on any access
+            config.name  # noqa: B018 - _ErrorConfig raises the load error on any access
         except Exception as e:  # noqa: BLE001 - re-raised as a user error
             raise LvaaError(f"--config: {_first_line(e)}") from None
         raise LvaaError(f"--config: {config!r} is not a ConfigDict (does get_config return one?)")

@@ -1,0 +1,83 @@
+"""Fixed-shape, padded, masked windows of trajectories for behavioral cloning.
+
+An episode is cut into consecutive windows of ``context`` steps (the agent's memory is reset at each
+window start, in training and in closed-loop evaluation alike, so the two see the same inputs). Each
+epoch visits every window once in an order drawn from ``(seed, epoch)``; the iterator's whole state is
+one integer, the number of batches served, so a checkpoint restores it exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from lvaa_jax.babyai.dataset import DemoDataset
+from lvaa_jax.errors import LvaaError
+
+Batch = dict[str, np.ndarray]
+
+
+class WindowBatches(Iterator[Batch]):
+    """Yields numpy batches (ready for ``jax.device_put``)::
+
+        image      uint8 [B, T, 7, 7, 3]     direction  int32 [B, T]     action  int32 [B, T]
+        mask       bool  [B, T]  (real steps)  tokens     int32 [B, L]     token_mask bool [B, L]
+        level_id   int32 [B]
+    """
+
+    def __init__(self, dataset: DemoDataset, batch_size: int, context: int, seed: int, position: int = 0):
+        if context < 1 or batch_size < 1:
+            raise LvaaError(f"batch_size and context must be positive, got {batch_size} and {context}")
+        self.dataset, self.batch_size, self.context, self.seed = dataset, batch_size, context, seed
+        chunks = -(-dataset.length // context)  # windows per episode, ceil
+        self.window_episode = np.repeat(np.arange(dataset.num_episodes), chunks)
+        self.window_offset = (np.arange(len(self.window_episode)) - np.repeat(np.cumsum(chunks) - chunks, chunks)) * context
+        self.batches_per_epoch = len(self.window_episode) // batch_size
+        if self.batches_per_epoch == 0:
+            raise LvaaError(
+                f"{dataset.path}: {len(self.window_episode)} windows of {context} steps, fewer than one batch of "
+                f"{batch_size}; make more demos or lower config.train.batch_size"
+            )
+        self.tokens, self.token_mask = dataset.tokenizer.encode_batch(dataset.missions, dataset.max_instruction_length)
+        self.position = position
+
+    def state(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def restore(self, state: dict[str, int]) -> None:
+        self.position = int(state["position"])
+
+    def __next__(self) -> Batch:
+        batch = self.batch_at(self.position)
+        self.position += 1
+        return batch
+
+    def batch_at(self, position: int) -> Batch:
+        """The batch served at ``position``: a pure function of (dataset, seed, position)."""
+        epoch, index = divmod(position, self.batches_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.window_episode))
+        windows = order[index * self.batch_size : (index + 1) * self.batch_size]
+        return self.windows(self.window_episode[windows], self.window_offset[windows])
+
+    def windows(self, episodes: np.ndarray, offsets: np.ndarray) -> Batch:
+        """Gathers windows [offset, offset + T) of the given episodes, shard by shard (vectorised)."""
+        d, t = self.dataset, self.context
+        steps = np.arange(t)
+        mask = offsets[:, None] + steps < d.length[episodes][:, None]
+        out = {
+            "image": np.zeros((len(episodes), t, 7, 7, 3), np.uint8),
+            "direction": np.zeros((len(episodes), t), np.int32),
+            "action": np.zeros((len(episodes), t), np.int32),
+        }
+        for shard in np.unique(d.shard[episodes]):
+            rows = np.flatnonzero(d.shard[episodes] == shard)
+            index = d.start[episodes[rows]][:, None] + offsets[rows][:, None] + steps
+            index = np.where(mask[rows], index, d.start[episodes[rows]][:, None])  # padding reads a real step
+            for name, array in d.steps[shard].items():
+                out[name][rows] = array[index]
+        for name in ("image", "direction", "action"):
+            out[name] *= mask.reshape(mask.shape + (1,) * (out[name].ndim - 2)).astype(out[name].dtype)
+        mission = d.mission_id[episodes]
+        return {**out, "mask": mask, "tokens": self.tokens[mission], "token_mask": self.token_mask[mission],
+                "level_id": d.level_id[episodes].astype(np.int32)}
