@@ -41,6 +41,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # Stage 2: the agent and its behavioral cloning.
     c.model = ml_collections.ConfigDict()
     c.model.width = 128
+    c.model.cell_width = 32  # per grid cell: the 49 cells of each step dominate the compute
     c.model.num_heads = 4
     c.model.instruction_layers = 2
     c.model.memory_layers = 2
@@ -83,6 +84,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.align.bootstrap = 200
     c.align.clamp_outliers = False  # clamp at the 95th percentile of |x| (Platonic Representation code)
     c.align.block_size = 0  # 0: chosen from N and the device
+    c.align.rsa_max_n = 5000  # RSA needs N^2 memory: above this, a fixed random subset of instructions
+    c.align.seed = 0  # permutations, bootstrap resamples and the RSA subset
 
     if variant == "tiny":
         c.name = "tiny"
@@ -92,6 +95,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.data.num_workers = 1
         c.data.census_resets = 200
         c.model.width = 32
+        c.model.cell_width = 16
         c.model.num_heads = 2
         c.model.instruction_layers = 1
         c.model.memory_layers = 1

@@ -63,7 +63,8 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
     def guarded(argv: Sequence[str]) -> None:
         if len(argv) > 1:
             _exit(f"unexpected arguments {list(argv[1:])}; every option is a --flag")
-        logging.getLogger("absl").setLevel(logging.INFO)
+        logging.getLogger("absl").setLevel(logging.WARNING)  # orbax and jax log every save at INFO
+        logging.getLogger("lvaa_jax").setLevel(logging.INFO)
         try:
             main(argv)
         except LvaaError as e:

@@ -13,7 +13,6 @@ Layout of ``demos/``::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -26,26 +25,12 @@ import numpy as np
 from lvaa_jax.babyai.rollout import Episode
 from lvaa_jax.babyai.tokenizer import Tokenizer
 from lvaa_jax.errors import LvaaError
+from lvaa_jax.files import sha256_file, write_json
 
 FORMAT_VERSION = 1
 STEP_ARRAYS = ("image", "direction", "action")
 EPISODE_ARRAYS = ("start", "length", "mission_id", "level_id", "seed")
 MANIFEST, MISSIONS, VOCAB = "manifest.json", "missions.json", "vocab.json"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Deterministic (sorted keys, no timestamps) and atomic."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def shard_name(index: int) -> str:

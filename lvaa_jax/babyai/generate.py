@@ -23,15 +23,14 @@ from lvaa_jax.babyai.dataset import (
     VOCAB,
     DemoDataset,
     load_demos,
-    sha256_file,
     shard_name,
-    write_json,
     write_shard,
 )
 from lvaa_jax.babyai.levels import check_levels
 from lvaa_jax.babyai.rollout import level_missions, roll_episodes
 from lvaa_jax.babyai.tokenizer import Tokenizer
 from lvaa_jax.errors import LvaaError
+from lvaa_jax.files import sha256_file, write_json
 
 log = logging.getLogger(__name__)
 SETTINGS = "settings.json"

@@ -1,0 +1,211 @@
+"""Stage 2: behavioral cloning, one jitted data-parallel step, exact resume, closed-loop evaluation."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training.train_state import TrainState
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from lvaa_jax.agent.checkpoint import Checkpoints
+from lvaa_jax.agent.evaluate import evaluate, write_evaluation
+from lvaa_jax.agent.model import POOLINGS, Agent
+from lvaa_jax.babyai import DemoDataset, WindowBatches, load_demos
+from lvaa_jax.errors import LvaaError
+from lvaa_jax.files import append_csv, write_csv
+
+log = logging.getLogger(__name__)
+Batch = dict[str, jax.Array]
+
+
+def make_mesh(devices: list | None = None) -> Mesh:
+    """A 1-D mesh named ``data`` over every device (of every host): the batch axis is split over it."""
+    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
+
+
+def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, train.learning_rate, min(train.warmup_steps, train.steps), max(train.steps, 1), train.learning_rate * 0.05
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(train.grad_clip),
+        optax.adamw(schedule, weight_decay=train.weight_decay),
+    )
+
+
+def build_agent(config: ml_collections.ConfigDict, dataset: DemoDataset) -> Agent:
+    model = config.model
+    if model.pooling not in POOLINGS:
+        raise LvaaError(f"config.model.pooling: unknown pooling {model.pooling!r}; known: {', '.join(POOLINGS)}")
+    if model.width % model.num_heads or model.cell_width % model.num_heads:
+        raise LvaaError(
+            f"config.model.width ({model.width}) and cell_width ({model.cell_width}) must be multiples of "
+            f"num_heads ({model.num_heads})"
+        )
+    if model.dtype not in ("float32", "bfloat16"):
+        raise LvaaError(f"config.model.dtype must be float32 or bfloat16, got {model.dtype!r}")
+    return Agent.from_config(model, dataset.tokenizer.size, dataset.max_instruction_length)
+
+
+def example_batch(model: Agent, batch_size: int = 1) -> dict[str, np.ndarray]:
+    """Zeros of the batch shapes, for initialisation and compilation."""
+    t, length = model.context, model.max_instruction_length
+    return {
+        "image": np.zeros((batch_size, t, 7, 7, 3), np.uint8), "direction": np.zeros((batch_size, t), np.int32),
+        "tokens": np.ones((batch_size, length), np.int32), "token_mask": np.ones((batch_size, length), bool),
+    }
+
+
+def init_params(model: Agent, seed: int):
+    """Initial parameters; the untrained-agent control of the study uses exactly these."""
+    return jax.jit(model.init)(jax.random.key(seed), example_batch(model))["params"]
+
+
+def bc_loss(logits: jax.Array, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Masked cross-entropy of the expert's actions, and the fraction of steps predicted right."""
+    mask = batch["mask"].astype(jnp.float32)
+    steps = jnp.maximum(mask.sum(), 1.0)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["action"])
+    loss = (nll * mask).sum() / steps
+    accuracy = ((logits.argmax(-1) == batch["action"]) * mask).sum() / steps
+    return loss, {"loss": loss, "accuracy": accuracy}
+
+
+@functools.cache  # one compilation per (model, mesh, seed) in a process
+def make_train_step(model: Agent, mesh: Mesh, seed: int) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """The jitted BC step: batch sharded over the mesh's ``data`` axis, parameters replicated.
+
+    XLA inserts the gradient all-reduce; the result equals the single-device step up to float rounding.
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
+    sharded = NamedSharding(mesh, PartitionSpec("data"))
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        dropout = jax.random.fold_in(jax.random.key(seed), state.step)
+
+        def loss_fn(params):
+            logits = model.apply({"params": params}, batch, train=True, rngs={"dropout": dropout})
+            return bc_loss(logits, batch)
+
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return state.apply_gradients(grads=grads), metrics
+
+    return jax.jit(step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> Batch:
+    """Places this host's rows of a global numpy batch on the mesh (one host: all of them)."""
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    rows = len(next(iter(batch.values())))
+    per_host = rows // jax.process_count()
+    local = slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
+    return {k: jax.make_array_from_process_local_data(sharding, v[local], v.shape) for k, v in batch.items()}
+
+
+def create_state(model: Agent, config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
+    """Initial parameters and optimiser state, built in one jitted call directly replicated on the mesh."""
+    tx = make_optimizer(config.train)
+
+    def create(key: jax.Array) -> TrainState:
+        params = model.init(key, example_batch(model))["params"]
+        return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+    return jax.jit(create, out_shardings=NamedSharding(mesh, PartitionSpec()))(jax.random.key(config.seed))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool = True) -> dict:
+    """Trains (or resumes) the agent on ``<workdir>/demos`` and returns the final closed-loop evaluation."""
+    workdir = Path(workdir)
+    dataset = load_demos(workdir / "demos")
+    train = config.train
+    mesh = make_mesh()
+    if train.batch_size % mesh.size:
+        raise LvaaError(f"config.train.batch_size={train.batch_size} must be a multiple of the {mesh.size} devices")
+    checkpoints = Checkpoints(workdir / "checkpoints", config, train.keep_checkpoints)
+    model = build_agent(config, dataset)
+    state = create_state(model, config, mesh)
+    batches = WindowBatches(dataset, train.batch_size, model.context, config.seed)
+    state = checkpoints.restore_latest(state, batches)
+    start = int(state.step)
+    train_step = make_train_step(model, mesh, config.seed)
+    metrics_dir = workdir / "metrics"
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    writer = MetricsWriter(metrics_dir, resume_step=start)
+    pending: list[dict] = []
+    evaluation = None
+    tick = time.perf_counter()
+    try:
+        with tqdm(total=train.steps, initial=start, desc="train", unit="step", disable=not progress) as bar:
+            for step in range(start + 1, train.steps + 1):
+                state, metrics = train_step(state, shard_batch(next(batches), mesh))
+                pending.append(metrics)
+                if step % train.log_every == 0 or step == train.steps:
+                    means = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
+                    elapsed = time.perf_counter() - tick
+                    means["steps_per_s"] = len(pending) / elapsed
+                    writer.write(step, means, "train")
+                    bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{means['accuracy']:.3f}")
+                    pending, tick = [], time.perf_counter()
+                if step % train.checkpoint_every == 0 or step == train.steps:
+                    checkpoints.save(step, state, batches)
+                if train.eval_every and step % train.eval_every == 0 and step != train.steps:
+                    write_evaluation(workdir, step, evaluate_agent(config, model, state.params, dataset, progress))
+                bar.update()
+    finally:
+        checkpoints.close()
+        writer.close()
+    final_step = int(state.step)
+    eval_file = workdir / "eval" / f"step_{final_step:08d}.json"
+    if eval_file.exists():
+        evaluation = json.loads(eval_file.read_text())
+    else:
+        evaluation = evaluate_agent(config, model, state.params, dataset, progress)
+        write_evaluation(workdir, final_step, evaluation)
+    return evaluation
+
+
+def evaluate_agent(config, model: Agent, params, dataset: DemoDataset, progress: bool) -> dict:
+    return evaluate(
+        model, params, dataset.tokenizer, dataset.levels, config.eval.episodes_per_level, config.seed,
+        max_steps=config.eval.max_steps, progress=progress,
+    )
+
+
+class MetricsWriter:
+    """Tensorboard event files (tensorboardX: no TensorFlow needed) and one CSV per split.
+
+    On resume, rows a killed run logged after its last checkpoint are dropped, so each step appears once.
+    """
+
+    def __init__(self, directory: Path, resume_step: int):
+        from tensorboardX import SummaryWriter
+
+        self.directory = directory
+        self.tensorboard = SummaryWriter(str(directory), purge_step=resume_step + 1)
+        for path in directory.glob("*.csv"):
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                kept = [r for r in reader if int(r["step"]) <= resume_step]
+                fields = reader.fieldnames
+            write_csv(path, kept, fields or ["step"])
+
+    def write(self, step: int, values: dict[str, float], split: str) -> None:
+        for k, v in values.items():
+            self.tensorboard.add_scalar(f"{split}/{k}", v, step)
+        append_csv(self.directory / f"{split}.csv", {"step": step, **{k: f"{v:.6g}" for k, v in values.items()}})
+
+    def close(self) -> None:
+        self.tensorboard.close()

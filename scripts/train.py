@@ -1,0 +1,29 @@
+"""Stage 2: train the agent by behavioral cloning on <workdir>/demos, then evaluate it closed-loop.
+
+    python scripts/train.py --config=configs/default.py --workdir=runs/default
+"""
+
+from absl import flags
+
+from lvaa_jax import cli
+
+CONFIG, WORKDIR = cli.define_config_flags()
+DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
+
+
+def main(argv):
+    import jax
+
+    if DISTRIBUTED.value:
+        jax.distributed.initialize()
+    from lvaa_jax.agent import train_and_evaluate
+
+    config, workdir = cli.resolve(CONFIG, WORKDIR)
+    evaluation = train_and_evaluate(config, workdir)
+    for level, r in evaluation["levels"].items():
+        print(f"{level:32s} success {r['success_rate']:.3f}  mean length {r['mean_length']:.1f}")
+    print(f"mean success rate {evaluation['mean_success_rate']:.3f}")
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,196 @@
+"""Stage 2: the agent's shapes, its instruction pathway, data-parallel BC, exact resume, evaluation."""
+
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax.training.train_state import TrainState
+from jax.sharding import NamedSharding, PartitionSpec
+
+from configs.default import get_config
+from lvaa_jax.agent import Agent, evaluate, instruction_embedding, make_mesh, make_train_step, restore_agent
+from lvaa_jax.agent.evaluate import _observe_and_act
+from lvaa_jax.agent.train import build_agent, create_state, init_params, shard_batch, train_and_evaluate
+from lvaa_jax.babyai import WindowBatches, make_demos
+from lvaa_jax.errors import LvaaError
+
+
+def tiny_config(**train):
+    config = get_config("tiny")
+    config.data.num_workers = 0
+    config.data.episodes_per_level = 24
+    config.eval.episodes_per_level = 2
+    config.train.update(train)
+    return config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny run: demos, 20 training steps, checkpoints every 10."""
+    workdir = tmp_path_factory.mktemp("run")
+    config = tiny_config()
+    dataset = make_demos(config, workdir, progress=False)
+    evaluation = train_and_evaluate(config, workdir, progress=False)
+    return config, workdir, dataset, evaluation
+
+
+def test_shapes(run):
+    config, _, dataset, _ = run
+    model = build_agent(config, dataset)
+    batch = next(WindowBatches(dataset, 4, model.context, seed=0))
+    params = create_state(model, config, make_mesh(jax.devices()[:1])).params
+    logits = jax.jit(model.apply)({"params": params}, batch)
+    chex.assert_shape(logits, (4, model.context, 7))
+    chex.assert_tree_all_finite(logits)
+    all_layers = instruction_embedding(params, batch["tokens"], batch["token_mask"], model=model, layers=(0, 1))
+    chex.assert_shape(all_layers, (2, 4, model.width))
+    z = instruction_embedding(params, batch["tokens"], batch["token_mask"], model=model)
+    chex.assert_trees_all_close(z, all_layers[-1])
+
+
+def test_instruction_embedding_depends_on_the_instruction_alone(run):
+    config, _, dataset, _ = run
+    model = build_agent(config, dataset)
+    params = create_state(model, config, make_mesh(jax.devices()[:1])).params
+    missions = list(dataset.missions[:5])
+    tokens, mask = dataset.tokenizer.encode_batch(missions, model.max_instruction_length)
+    together = instruction_embedding(params, tokens, mask, model=model)
+    alone = instruction_embedding(params, tokens[2:3], mask[2:3], model=model)
+    chex.assert_trees_all_close(together[2:3], alone, atol=1e-6)
+    repeated = instruction_embedding(params, np.repeat(tokens[:1], 3, 0), np.repeat(mask[:1], 3, 0), model=model)
+    chex.assert_trees_all_equal(repeated[0], repeated[1], repeated[2])
+    # The policy's instruction vector is this one, whatever the observation: changing the image changes
+    # the logits but goes nowhere near the instruction pathway's inputs.
+    assert "image" not in Agent.embed_instruction.__code__.co_varnames
+
+
+def test_small_config_overfits_a_few_episodes(run):
+    config, _, dataset, _ = run
+    config = tiny_config(steps=150, learning_rate=3e-3, warmup_steps=10)
+    model = build_agent(config, dataset)
+    mesh = make_mesh()
+    state = create_state(model, config, mesh)
+    step = make_train_step(model, mesh, config.seed)
+    batch = shard_batch(WindowBatches(dataset, 8, model.context, seed=0).batch_at(0), mesh)
+    first = None
+    for _ in range(150):
+        state, metrics = step(state, batch)
+        first = first or float(metrics["loss"])
+    assert float(metrics["loss"]) < 0.1 * first
+    assert float(metrics["accuracy"]) > 0.95
+
+
+def test_sharded_step_matches_single_device(run):
+    """Same batches on 1 and on 8 devices give the same updates. Plain SGD, because Adam divides
+    near-zero gradients by their own magnitude and so turns float rounding into visible differences."""
+    config, _, dataset, _ = run
+    assert jax.device_count() == 8
+    model = build_agent(config, dataset)
+    batches = WindowBatches(dataset, 16, model.context, seed=3)
+    params = jax.device_get(init_params(model, config.seed))  # host copy: each step donates its state
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = make_mesh(devices)
+        state = TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1))
+        state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+        step = make_train_step(model, mesh, config.seed)
+        for position in range(3):
+            state, metrics = step(state, shard_batch(batches.batch_at(position), mesh))
+        assert len(state.params["head"]["kernel"].sharding.device_set) == len(devices)
+        results.append((jax.device_get(state.params), jax.device_get(metrics)))
+    chex.assert_trees_all_close(results[0][0], results[1][0], atol=1e-6, rtol=1e-5)
+    chex.assert_trees_all_close(results[0][1], results[1][1], rtol=1e-5)
+
+
+def test_resume_after_a_kill_is_exact(run, tmp_path, monkeypatch):
+    config, workdir, _, _ = run
+    straight = restore_agent(workdir)
+    # Same config in a fresh folder, killed at step 13 (last checkpoint at 10), then run again.
+    for name in ("demos",):
+        (tmp_path / name).symlink_to(workdir / name)
+    real_next = WindowBatches.__next__
+
+    def killed_at_13(self):
+        if self.position == 13:
+            raise KeyboardInterrupt
+        return real_next(self)
+
+    monkeypatch.setattr(WindowBatches, "__next__", killed_at_13)
+    with pytest.raises(KeyboardInterrupt):
+        train_and_evaluate(config, tmp_path, progress=False)
+    monkeypatch.setattr(WindowBatches, "__next__", real_next)
+    assert restore_agent(tmp_path).step == 10
+    train_and_evaluate(config, tmp_path, progress=False)
+    resumed = restore_agent(tmp_path)
+    assert resumed.step == straight.step == config.train.steps
+    chex.assert_trees_all_equal(resumed.params, straight.params)
+    rows = (tmp_path / "metrics" / "train.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == [5, 10, 15, 20]  # nothing logged twice
+
+
+def test_checkpoint_of_another_config_is_refused(run, tmp_path):
+    config, workdir, _, _ = run
+    (tmp_path / "demos").symlink_to(workdir / "demos")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "config.json").write_text((workdir / "checkpoints" / "config.json").read_text())
+    other = tiny_config()
+    other.model.width = 64
+    with pytest.raises(LvaaError, match="another config.*model.width: 32 vs 64"):
+        train_and_evaluate(other, tmp_path, progress=False)
+
+
+def test_workdir_without_demos_is_refused(tmp_path):
+    with pytest.raises(LvaaError, match="no demo dataset"):
+        train_and_evaluate(tiny_config(), tmp_path, progress=False)
+
+
+def test_batch_must_split_over_devices(run, tmp_path):
+    config, workdir, _, _ = run
+    (tmp_path / "demos").symlink_to(workdir / "demos")
+    with pytest.raises(LvaaError, match="multiple of the 8 devices"):
+        train_and_evaluate(tiny_config(batch_size=12), tmp_path, progress=False)
+
+
+def test_outputs_of_a_run(run):
+    config, workdir, _, evaluation = run
+    assert set(evaluation["levels"]) == set(config.data.levels)
+    saved = json.loads((workdir / "eval" / f"step_{config.train.steps:08d}.json").read_text())
+    assert saved["levels"] == evaluation["levels"]
+    assert list((workdir / "metrics").glob("events.out.tfevents.*"))
+    header = (workdir / "metrics" / "train.csv").read_text().splitlines()[0].split(",")
+    assert {"step", "loss", "accuracy", "grad_norm", "steps_per_s"} == set(header)
+
+
+def test_restored_agent_acts_in_the_env(run):
+    _, workdir, dataset, _ = run
+    agent = restore_agent(workdir)
+    result = evaluate(agent.model, agent.params, agent.tokenizer, dataset.levels, 3, seed=1, max_steps=20,
+                      progress=False)
+    level = result["levels"][dataset.levels[0]]
+    assert level["episodes"] == 3 and 0 <= level["success_rate"] <= 1 and 1 <= level["mean_length"] <= 20
+    untrained = restore_agent(workdir, trained=False)
+    assert untrained.step == 0
+    embeddings = agent.embed(list(dataset.missions))
+    chex.assert_shape(embeddings, (agent.model.instruction_layers + 1, len(dataset.missions), agent.model.width))
+    assert not np.allclose(embeddings, untrained.embed(list(dataset.missions)))
+
+
+def test_closed_loop_step_equals_the_training_forward(run):
+    """Evaluation's cached, one-step-at-a-time forward gives the logits of the full-window forward."""
+    _, workdir, dataset, _ = run
+    agent = restore_agent(workdir)
+    model, params = agent.model, agent.params
+    episode = int(np.argmax(dataset.length))
+    batch = WindowBatches(dataset, 1, model.context, seed=0).windows(np.array([episode]), np.array([0]))
+    expected = np.asarray(jax.jit(model.apply)({"params": params}, batch)).argmax(-1)[0]
+    z = instruction_embedding(params, batch["tokens"], batch["token_mask"], model=model)
+    memory = jnp.zeros((1, model.context, model.width))
+    for t in range(int(batch["mask"].sum())):
+        memory, action = _observe_and_act(
+            model, params, memory, z, np.array([0]), np.array([t]), batch["image"][:, t], batch["direction"][:, t]
+        )
+        assert int(action[0]) == expected[t]
