@@ -1,11 +1,14 @@
-"""Small file helpers every stage shares: atomic JSON, appended CSV rows, file hashes."""
+"""Small file helpers every stage shares: atomic JSON, appended CSV rows, file hashes, run logs."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +45,22 @@ def write_csv(path: str | os.PathLike, rows: list[dict], fields: list[str]) -> N
         out = csv.DictWriter(f, fieldnames=fields)
         out.writeheader()
         out.writerows(rows)
+
+
+@contextlib.contextmanager
+def log_to_file(path: str | os.PathLike) -> Iterator[None]:
+    """Copies the package's log records into ``path`` (appending) while the block runs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("lvaa_jax")
+    logger.addHandler(handler)
+    previous = logger.level
+    logger.setLevel(min(previous or logging.INFO, logging.INFO))
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+        handler.close()

@@ -46,22 +46,27 @@ def saved_config(directory: Path) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
+def check_compatible(directory: Path, config: ml_collections.ConfigDict) -> bool:
+    """True if ``directory`` holds checkpoints of this config, False if none; LvaaError for another config."""
+    if not (directory / CONFIG_FILE).exists():
+        return False
+    differ = _differences(_binding(saved_config(directory)), _binding(config))
+    if differ:
+        raise LvaaError(
+            f"{directory} holds a checkpoint of another config ({'; '.join(differ[:3])}); "
+            "use another --workdir or delete its checkpoints"
+        )
+    return True
+
+
 class Checkpoints:
     """Saves every ``checkpoint_every`` steps, keeps the last few, restores the newest exactly."""
 
     def __init__(self, directory: Path, config: ml_collections.ConfigDict, keep: int):
         directory = directory.absolute()
         directory.mkdir(parents=True, exist_ok=True)
-        config_path = directory / CONFIG_FILE
-        if config_path.exists():
-            differ = _differences(_binding(saved_config(directory)), _binding(config))
-            if differ:
-                raise LvaaError(
-                    f"{directory} holds a checkpoint of another config ({'; '.join(differ[:3])}); "
-                    "use another --workdir or delete its checkpoints"
-                )
-        else:
-            config_path.write_text(config.to_json(indent=1) + "\n")
+        if not check_compatible(directory, config):
+            (directory / CONFIG_FILE).write_text(config.to_json(indent=1) + "\n")
         self.manager = ocp.CheckpointManager(
             directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),

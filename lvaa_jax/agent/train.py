@@ -19,7 +19,7 @@ from flax.training.train_state import TrainState
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from lvaa_jax.agent.checkpoint import Checkpoints
+from lvaa_jax.agent.checkpoint import Checkpoints, check_compatible
 from lvaa_jax.agent.evaluate import evaluate, write_evaluation
 from lvaa_jax.agent.model import POOLINGS, Agent
 from lvaa_jax.babyai import DemoDataset, WindowBatches, load_demos
@@ -130,6 +130,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, p
     """Trains (or resumes) the agent on ``<workdir>/demos`` and returns the final closed-loop evaluation."""
     workdir = Path(workdir)
     dataset = load_demos(workdir / "demos")
+    finished = finished_evaluation(config, workdir)
+    if finished is not None:
+        log.info("%s: training finished earlier; its final evaluation is in %s/eval", workdir, workdir)
+        return finished
     train = config.train
     mesh = make_mesh()
     if train.batch_size % mesh.size:
@@ -145,7 +149,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, p
     metrics_dir.mkdir(parents=True, exist_ok=True)
     writer = MetricsWriter(metrics_dir, resume_step=start)
     pending: list[dict] = []
-    evaluation = None
     tick = time.perf_counter()
     try:
         with tqdm(total=train.steps, initial=start, desc="train", unit="step", disable=not progress) as bar:
@@ -167,14 +170,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, p
     finally:
         checkpoints.close()
         writer.close()
-    final_step = int(state.step)
-    eval_file = workdir / "eval" / f"step_{final_step:08d}.json"
-    if eval_file.exists():
-        evaluation = json.loads(eval_file.read_text())
-    else:
-        evaluation = evaluate_agent(config, model, state.params, dataset, progress)
-        write_evaluation(workdir, final_step, evaluation)
+    evaluation = evaluate_agent(config, model, state.params, dataset, progress)
+    write_evaluation(workdir, int(state.step), evaluation)
     return evaluation
+
+
+def finished_evaluation(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
+    """The final evaluation of a finished run of this config in ``workdir``, or None if training must run."""
+    workdir = Path(workdir)
+    final = workdir / "eval" / f"step_{config.train.steps:08d}.json"
+    if not check_compatible(workdir / "checkpoints", config) or not final.exists():
+        return None
+    return json.loads(final.read_text())
 
 
 def evaluate_agent(config, model: Agent, params, dataset: DemoDataset, progress: bool) -> dict:

@@ -1,0 +1,95 @@
+"""The agent of lvaa_jax/agent/model.py written in eager PyTorch: the reference for train_throughput.
+
+Same pathways, widths, heads and parameter count; written as one would in PyTorch (nn.Embedding,
+nn.MultiheadAttention), not as a line-by-line translation of the Flax code.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GRID_CELLS = 49
+
+
+class MLP(nn.Sequential):
+    def __init__(self, width: int, hidden: int):
+        super().__init__(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.mlp = MLP(width, width * mlp_ratio)
+
+    def forward(self, x, key_padding_mask=None, causal=None):
+        h = self.norm1(x)
+        x = x + self.attention(h, h, h, key_padding_mask=key_padding_mask, attn_mask=causal, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class FiLM(nn.Module):
+    def __init__(self, width: int, condition: int):
+        super().__init__()
+        self.film, self.norm, self.mlp = nn.Linear(condition, 2 * width), nn.LayerNorm(width), MLP(width, 2 * width)
+
+    def forward(self, cells, z):
+        scale, shift = self.film(z)[:, :, None].chunk(2, dim=-1)
+        return cells + self.mlp(F.gelu(self.norm(cells) * (1 + scale) + shift, approximate="tanh"))
+
+
+class TorchAgent(nn.Module):
+    def __init__(self, config, vocab_size: int, max_length: int):
+        super().__init__()
+        d, c, heads = config.width, config.cell_width, config.num_heads
+        self.words = nn.Embedding(vocab_size, d)
+        self.positions = nn.Parameter(torch.randn(max_length, d))
+        self.instruction = nn.ModuleList(Block(d, heads, config.mlp_ratio) for _ in range(config.instruction_layers))
+        self.instruction_norm = nn.LayerNorm(d)
+        self.object, self.colour, self.state = nn.Embedding(11, c), nn.Embedding(6, c), nn.Embedding(3, c)
+        self.cell = nn.Parameter(torch.randn(GRID_CELLS, c))
+        self.films = nn.ModuleList(FiLM(c, d) for _ in range(2))
+        self.query = nn.Linear(d, c)
+        self.readout = nn.MultiheadAttention(c, heads, batch_first=True)
+        self.step = nn.Linear(c, d)
+        self.direction = nn.Embedding(4, d)
+        self.step_position = nn.Parameter(torch.randn(config.context, d))
+        self.memory = nn.ModuleList(Block(d, heads, config.mlp_ratio) for _ in range(config.memory_layers))
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, 7)
+
+    def embed_instruction(self, tokens, token_mask):
+        x = self.words(tokens) + self.positions[: tokens.shape[1]]
+        for block in self.instruction:
+            x = block(x, key_padding_mask=~token_mask)
+        m = token_mask[..., None].float()
+        return (self.instruction_norm(x) * m).sum(1) / m.sum(1).clamp(min=1)
+
+    def forward(self, batch):
+        z = self.embed_instruction(batch["tokens"].long(), batch["token_mask"])
+        image = batch["image"].long().flatten(2, 3)  # [B, T, 49, 3]
+        b, t = image.shape[:2]
+        cells = self.object(image[..., 0]) + self.colour(image[..., 1]) + self.state(image[..., 2]) + self.cell
+        zt = z[:, None].expand(b, t, -1)
+        for film in self.films:
+            cells = film(cells, zt)
+        cells = cells.reshape(b * t, GRID_CELLS, -1)
+        query = self.query(zt).reshape(b * t, 1, -1)
+        read = self.readout(query, cells, cells, need_weights=False)[0].reshape(b, t, -1)
+        x = self.step(read) + self.direction(batch["direction"].long()) + self.step_position[:t] + z[:, None]
+        causal = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
+        for block in self.memory:
+            x = block(x, causal=causal)
+        return self.head(self.norm(x))
+
+
+def torch_step(model: TorchAgent, optimizer, batch, grad_clip: float) -> torch.Tensor:
+    logits = model(batch)
+    mask = batch["mask"].float()
+    nll = F.cross_entropy(logits.flatten(0, 1), batch["action"].long().flatten(), reduction="none")
+    loss = (nll * mask.flatten()).sum() / mask.sum().clamp(min=1)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach()

@@ -1,0 +1,154 @@
+"""Training throughput of the jitted BC step against the same architecture in eager PyTorch.
+
+    python benchmarks/train_throughput.py                 # this machine's default device
+    python benchmarks/train_throughput.py --sharding_check # also 1 vs 8 forced CPU devices
+
+Both sides train the model of configs/default.py (same widths, layers, heads, parameter count) on the
+same batches of real demo windows with AdamW and gradient clipping; samples are windows of
+``context`` steps. On a GPU, model FLOPs utilisation is the compiled step's FLOPs per second over
+the bf16 matmul rate measured in the same run.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from configs.default import get_config
+from lvaa_jax.agent.train import build_agent, create_state, make_mesh, make_train_step, shard_batch
+from lvaa_jax.babyai import WindowBatches, make_demos
+
+STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per measurement (after warm-up).")
+BATCH = flags.DEFINE_integer("batch_size", 0, "Windows per step (0: the config's).")
+DTYPE = flags.DEFINE_string("dtype", "float32", "JAX activation dtype: float32 or bfloat16.")
+TORCH = flags.DEFINE_bool("torch", True, "Measure the PyTorch reference too.")
+SHARDING = flags.DEFINE_bool("sharding_check", False, "Compare the step on 1 vs 8 forced CPU devices.")
+SHARDING_CHILD = flags.DEFINE_bool("sharding_child", False, "Internal: run the 1-vs-8 comparison here.")
+
+
+def demo_batches(config, workdir):
+    config.data.episodes_per_level = 200
+    config.data.num_workers = 0
+    config.data.census_resets = 0
+    dataset = make_demos(config, workdir, progress=False)
+    return dataset, WindowBatches(dataset, config.train.batch_size, config.model.context, seed=0)
+
+
+def time_jax(config, dataset, batches, steps):
+    model = build_agent(config, dataset)
+    mesh = make_mesh()
+    state = create_state(model, config, mesh)
+    step = make_train_step(model, mesh, config.seed)
+    data = [shard_batch(batches.batch_at(i), mesh) for i in range(4)]
+    compiled = step.lower(state, data[0]).compile()
+    flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
+    for i in range(3):
+        state, metrics = step(state, data[i % 4])
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for i in range(steps):
+        state, metrics = step(state, data[i % 4])
+    jax.block_until_ready(metrics)
+    seconds = (time.perf_counter() - start) / steps
+    params = sum(x.size for x in jax.tree.leaves(state.params))
+    return seconds, flops, params, float(metrics["loss"])
+
+
+def time_torch(config, dataset, batches, steps):
+    import torch
+
+    from benchmarks.torch_agent import TorchAgent, torch_step
+
+    torch.manual_seed(0)
+    model = TorchAgent(config.model, dataset.tokenizer.size, dataset.max_instruction_length)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.learning_rate,
+                                  weight_decay=config.train.weight_decay)
+    data = [{k: torch.from_numpy(np.asarray(v)) for k, v in batches.batch_at(i).items()} for i in range(4)]
+    for i in range(3):
+        loss = torch_step(model, optimizer, data[i % 4], config.train.grad_clip)
+    start = time.perf_counter()
+    for i in range(steps):
+        loss = torch_step(model, optimizer, data[i % 4], config.train.grad_clip)
+    seconds = (time.perf_counter() - start) / steps
+    return seconds, sum(p.numel() for p in model.parameters()), float(loss)
+
+
+def matmul_rate(dtype) -> float:
+    """FLOP/s of a large square matmul on the default device: the ceiling MFU is measured against."""
+    n = 8192
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(f(a))
+    start = time.perf_counter()
+    for _ in range(10):
+        out = f(a)
+    jax.block_until_ready(out)
+    return 2 * n**3 * 10 / (time.perf_counter() - start)
+
+
+def sharding_child():
+    """Runs in a subprocess with 8 forced CPU devices: three steps on 1 device vs on all 8."""
+    config = get_config()
+    with tempfile.TemporaryDirectory() as workdir:
+        dataset, batches = demo_batches(config, workdir)
+        model = build_agent(config, dataset)
+        out = {}
+        for name, devices in (("1 device", jax.devices()[:1]), ("8 devices", jax.devices())):
+            mesh = make_mesh(devices)
+            state, step = create_state(model, config, mesh), make_train_step(model, mesh, config.seed)
+            step(state, shard_batch(batches.batch_at(0), mesh))  # compile (the state above is donated)
+            state = create_state(model, config, mesh)
+            start = time.perf_counter()
+            for i in range(3):
+                state, metrics = step(state, shard_batch(batches.batch_at(i), mesh))
+            jax.block_until_ready(metrics)
+            out[name] = {"seconds_per_step": (time.perf_counter() - start) / 3, "loss": float(metrics["loss"]),
+                         "params": jax.device_get(state.params)}
+        diff = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
+                                                out["1 device"]["params"], out["8 devices"]["params"])))
+        print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "params"} for k, v in out.items()}
+                         | {"max_param_difference": diff}))
+
+
+def main(_):
+    if SHARDING_CHILD.value:
+        return sharding_child()
+    config = get_config()
+    config.model.dtype = DTYPE.value
+    if BATCH.value:
+        config.train.batch_size = BATCH.value
+    backend = jax.default_backend()
+    with tempfile.TemporaryDirectory() as workdir:
+        dataset, batches = demo_batches(config, workdir)
+        jax_s, flops, jax_params, jax_loss = time_jax(config, dataset, batches, STEPS.value)
+        b = config.train.batch_size
+        print(f"device: {jax.devices()[0].device_kind} ({backend}), batch {b} windows x {config.model.context} steps")
+        print(f"{'':24s} {'params':>9s} {'ms/step':>8s} {'samples/s':>10s} {'ratio':>6s}")
+        rows = [("JAX jitted step", jax_params, jax_s)]
+        if TORCH.value:
+            torch_s, torch_params, _ = time_torch(config, dataset, batches, STEPS.value)
+            rows.insert(0, ("PyTorch eager (ref)", torch_params, torch_s))
+        reference = rows[0][2]
+        for name, params, seconds in rows:
+            print(f"{name:24s} {params:9d} {seconds * 1e3:8.1f} {b / seconds:10.1f} {reference / seconds:5.2f}x")
+        print(f"compiled step: {flops / 1e9:.1f} GFLOP, {flops / jax_s / 1e12:.3f} TFLOP/s")
+        if backend == "gpu":
+            peak = matmul_rate(jnp.bfloat16 if DTYPE.value == "bfloat16" else jnp.float32)
+            print(f"model FLOPs utilisation: {flops / jax_s / peak:.1%} of the {peak / 1e12:.0f} TFLOP/s "
+                  f"{DTYPE.value} 8192^3 matmul measured here")
+    if SHARDING.value:
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+        result = subprocess.run([sys.executable, __file__, "--sharding_child"], env=env, capture_output=True,
+                                text=True, check=True)
+        print("1 vs 8 forced CPU devices (sharding correctness, not speed):", result.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    app.run(main)

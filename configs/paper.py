@@ -1,0 +1,53 @@
+"""Paper-scale study: many more demos, a larger agent, the paper's model panel, bf16 on GPU/TPU.
+
+    python scripts/run_pipeline.py --config=configs/paper.py --workdir=runs/paper
+
+Variants: ``configs/paper.py`` (the paper's panel, by hub id: needs the hub or local copies and a GPU for
+the 7-8B models) and ``configs/paper.py:offline`` (same agent and data, the offline panel).
+"""
+
+import importlib.util
+from pathlib import Path
+
+
+def _default_module():
+    spec = importlib.util.spec_from_file_location("lvaa_default_config", Path(__file__).with_name("default.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config(variant: str = ""):
+    default = _default_module()
+    c = default.get_config()
+    c.name = "paper"
+
+    c.data.episodes_per_level = 25000
+    c.data.episodes_per_shard = 2500
+    c.data.num_workers = 16
+
+    c.model.width = 256
+    c.model.cell_width = 64
+    c.model.num_heads = 8
+    c.model.instruction_layers = 4
+    c.model.memory_layers = 4
+    c.model.context = 32
+    c.model.dtype = "bfloat16"
+
+    c.train.steps = 30000
+    c.train.batch_size = 256
+    c.train.learning_rate = 5e-4
+    c.train.warmup_steps = 1000
+    c.train.log_every = 100
+    c.train.checkpoint_every = 2000
+    c.train.eval_every = 10000
+
+    c.eval.episodes_per_level = 500
+
+    c.embed.models = default.model_panel("offline" if variant == "offline" else "paper")
+    c.embed.batch_size = 128
+    c.align.permutations = 1000
+    c.align.bootstrap = 1000
+    if variant not in ("", "offline"):
+        raise ValueError(f"unknown variant {variant!r} of configs/paper.py; known: offline")
+    return c
