@@ -1,6 +1,6 @@
 """Expert-demo throughput: make_demos with 1 and 2 worker processes against a plain single-process loop.
 
-    python benchmarks/rollout_throughput.py --episodes_per_level=250
+    python -m benchmarks.rollout_throughput --episodes_per_level=250
 
 The reference is what one would write without this package: one gymnasium env per level, BabyAIBot,
 no census, no writing. make_demos does more (mission census, sharding, .npy writing, sha256), so a

@@ -1,7 +1,7 @@
 """Training throughput of the jitted BC step against the same architecture in eager PyTorch.
 
-    python benchmarks/train_throughput.py                 # this machine's default device
-    python benchmarks/train_throughput.py --sharding_check # also 1 vs 8 forced CPU devices
+    python -m benchmarks.train_throughput                 # this machine's default device
+    python -m benchmarks.train_throughput --sharding_check # also 1 vs 8 forced CPU devices
 
 Both sides train the model of configs/default.py (same widths, layers, heads, parameter count) on the
 same batches of real demo windows with AdamW and gradient clipping; samples are windows of
@@ -145,7 +145,7 @@ def main(_):
                   f"{DTYPE.value} 8192^3 matmul measured here")
     if SHARDING.value:
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-        result = subprocess.run([sys.executable, __file__, "--sharding_child"], env=env, capture_output=True,
+        result = subprocess.run([sys.executable, "-m", "benchmarks.train_throughput", "--sharding_child"], env=env, capture_output=True,
                                 text=True, check=True)
         print("1 vs 8 forced CPU devices (sharding correctness, not speed):", result.stdout.strip().splitlines()[-1])
 

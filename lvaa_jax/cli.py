@@ -38,15 +38,20 @@ def resolve(config_flag: flags.FlagHolder, workdir_flag: flags.FlagHolder) -> tu
 
 def _first_line(error: BaseException) -> str:
     cause = error.__cause__ or error
-    text = " ".join(str(cause).replace("\\n", " ").split())
-    return text.strip("'\"") or type(cause).__name__
+    text = str(cause).strip()
+    if len(text) > 1 and text[0] == text[-1] == "'":  # ml_collections raises with a repr() of its message
+        text = text[1:-1].replace("\\n", " ").replace("\\'", "'")
+    lines = [line for line in text.splitlines() if line.strip()]
+    if "Traceback" in text:  # absl wraps config-file errors with the whole traceback: keep the error itself
+        lines = lines[-1:]
+    return " ".join(" ".join(lines).split()) or type(cause).__name__
 
 
 def _parse_flags(argv: Sequence[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        _exit(f"{e}. Pass --helpfull to see the flags.")
+        _exit(f"{_first_line(e)} (--helpfull lists the flags)")
     except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
         # ml_collections raises these for `--config.train.stpes=1` and friends.
         _exit(f"bad flag: {_first_line(e)}")

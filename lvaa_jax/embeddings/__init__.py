@@ -1,0 +1,14 @@
+"""Stage 3: one embedding table per space (the agent, language and vision-language models, controls).
+
+The Hugging Face side is ``lvaa_jax.embeddings.hf``, imported only where a model space is embedded, so
+that this package (and everything that reads tables) imports without torch or transformers.
+"""
+
+from lvaa_jax.embeddings.controls import bag_of_words, check_instructions, random_gaussian
+from lvaa_jax.embeddings.stage import embed_instructions, instruction_set
+from lvaa_jax.embeddings.table import EmbeddingTable, instructions_hash, load_table, read_meta, save_table
+
+__all__ = [
+    "EmbeddingTable", "bag_of_words", "check_instructions", "embed_instructions", "instruction_set",
+    "instructions_hash", "load_table", "random_gaussian", "read_meta", "save_table",
+]

@@ -1,0 +1,28 @@
+"""The whole study: demos, agent, embeddings, alignment report. Re-running skips finished stages.
+
+    python scripts/run_pipeline.py                              # default study, CPU, ~20 minutes
+    python scripts/run_pipeline.py --config=configs/paper.py    # paper scale, GPU/TPU host
+"""
+
+from absl import flags
+
+from lvaa_jax import cli
+
+CONFIG, WORKDIR = cli.define_config_flags()
+DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
+
+
+def main(argv):
+    import jax
+
+    if DISTRIBUTED.value:
+        jax.distributed.initialize()
+    from lvaa_jax.pipeline import headline, run_pipeline
+
+    config, workdir = cli.resolve(CONFIG, WORKDIR)
+    report = run_pipeline(config, workdir)
+    print(f"\nreport: {report}\n{headline(report.parent)}")
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,121 @@
+"""The whole study through its one entry point, on a tiny config; then re-run, which must skip every stage."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+
+from configs.default import get_config
+from lvaa_jax.embeddings import embed_instructions, load_table
+from lvaa_jax.errors import LvaaError
+from lvaa_jax.pipeline import STAGES, headline, run_pipeline
+
+pytest.importorskip("transformers")
+from tiny_models import tiny_decoder  # noqa: E402
+
+
+def tiny_study(tmp_path: Path) -> ml_collections.ConfigDict:
+    config = get_config("tiny")
+    config.data.num_workers = 0
+    config.embed.models = ml_collections.ConfigDict({
+        "tiny_gpt2": dict(source=tiny_decoder(tmp_path / "tiny_gpt2"), kind="decoder", pooling="mean", layers="all",
+                          gguf_file="", revision="", dtype="float32"),
+    })
+    config.embed.device = "cpu"
+    return config
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    config = tiny_study(root)
+    report = run_pipeline(config, root / "run", progress=False)
+    return config, root / "run", report
+
+
+def test_every_artifact_exists_and_is_well_formed(study):
+    config, workdir, report = study
+    assert (workdir / "demos" / "manifest.json").exists()
+    assert (workdir / "eval" / f"step_{config.train.steps:08d}.json").exists()
+    spaces = {"action", "untrained_agent", "bag_of_words", "random", "tiny_gpt2"}
+    assert {p.stem for p in (workdir / "embeddings").glob("*.npz")} == spaces
+    tables = {name: load_table(workdir / "embeddings" / f"{name}.npz") for name in spaces}
+    assert len({t.instructions for t in tables.values()}) == 1
+    assert tables["action"].num_layers == config.model.instruction_layers + 1
+    assert tables["tiny_gpt2"].num_layers == 3  # input embeddings + 2 layers
+    text = report.read_text()
+    for heading in ("## Headline: precision@5", "## Agent: closed-loop success", "## Run metadata", "## k sweep"):
+        assert heading in text
+    summary = json.loads((workdir / "alignment" / "summary.json").read_text())
+    assert summary["n"] == 36 and summary["k"] == config.align.k
+    assert len(summary["pairs"]) == len(spaces) * (len(spaces) - 1) // 2
+    with open(workdir / "alignment" / "precision_at_k.csv") as f:
+        rows = list(csv.reader(f))
+    matrix = np.asarray([r[1:] for r in rows[1:]], float)
+    np.testing.assert_allclose(np.diag(matrix), 1.0)
+    np.testing.assert_allclose(matrix, matrix.T)
+    assert list((workdir / "alignment").glob("*.png"))
+    assert "action~tiny_gpt" in headline(workdir / "alignment")
+    assert set(json.loads((workdir / "pipeline.json").read_text())["runs"][0]["seconds"]) == set(STAGES)
+
+
+def test_rerun_skips_every_stage(study):
+    config, workdir, report = study
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file() and "logs" not in p.parts}
+    run_pipeline(config, workdir, progress=False)
+    after = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file() and "logs" not in p.parts}
+    changed = {p.relative_to(workdir) for p in after if before.get(p) != after[p]}
+    assert changed == {Path("pipeline.json"), Path("embeddings/instructions.json")}
+    assert json.loads((workdir / "pipeline.json").read_text())["runs"][1]["seconds"]["train"] < 30
+
+
+def test_user_instruction_file_flags_instructions_the_agent_never_saw(study, tmp_path):
+    config, workdir, _ = study
+    (tmp_path / "run").symlink_to(workdir)
+    file = tmp_path / "instructions.txt"
+    file.write_text("go to the red ball\n\ngo to a purple key\nfly to the moon\n")
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.embed.instructions = str(file)
+    config.embed.models = ml_collections.ConfigDict()
+    out = tmp_path / "copy"
+    out.mkdir()
+    for name in ("demos", "checkpoints"):
+        (out / name).symlink_to(workdir / name)
+    tables = embed_instructions(config, out, progress=False)
+    assert load_table(tables["action"]).instructions == ("fly to the moon", "go to a purple key", "go to the red ball")
+    flags = json.loads((out / "embeddings" / "instructions.json").read_text())
+    assert "fly to the moon" in flags["unseen_in_training"]
+    assert flags["unknown_words"] == {"fly to the moon": ["fly", "moon"]}
+    file.write_text("go to the red ball\ngo to the red ball\n")
+    with pytest.raises(LvaaError, match="duplicate instruction 'go to the red ball'"):
+        embed_instructions(config, out, progress=False)
+    file.write_text("\n")
+    with pytest.raises(LvaaError, match="empty instruction list"):
+        embed_instructions(config, out, progress=False)
+
+
+def test_bad_embedding_settings_are_one_line_errors(study, tmp_path):
+    config, workdir, _ = study
+    config = ml_collections.ConfigDict(config.to_dict())
+    with pytest.raises(LvaaError, match="missions.json: missing"):
+        embed_instructions(config, tmp_path, progress=False)
+    config.embed.controls = ("bag_of_word",)
+    with pytest.raises(LvaaError, match="unknown control 'bag_of_word'"):
+        embed_instructions(config, workdir, progress=False)
+
+
+def test_script_reports_a_config_typo_on_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "scripts/run_pipeline.py", "--config=configs/default.py:tiny", f"--workdir={tmp_path}",
+         "--config.train.stpes=3"],
+        capture_output=True, text=True, cwd=Path(__file__).parents[1],
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: bad flag: 'stpes' Did you mean \"steps\" instead of \"stpes\"?"
+    )
