@@ -1,0 +1,335 @@
+"""Speed and memory of ``precision_matrix`` (M spaces, all pairs) against references, then how far it scales.
+
+    python benchmarks/alignment_scale.py                                   # this machine, default sizes
+    python benchmarks/alignment_scale.py --sizes=10000 --dims=384 --repeats=2
+    python benchmarks/alignment_scale.py --sizes=20000 --dims=4096 --max_n=1000000 --device_summary  # a GPU
+
+For every N and D, with M random spaces, in one run:
+- ours: ``lvaa_jax.alignment.precision_matrix`` (neighbours once per space, blockwise, then all pairs);
+- floor: the bare similarity matmuls, x @ x.T once per space (jitted, same precision, no top-k);
+- torch: what common public code does (the Platonic Representation Hypothesis ``mutual_knn``, with topk in
+  place of its full argsort): per pair, both full N x N cosine matrices, top-k, N x N masks;
+- numpy: the same definition and algorithm as ours in plain numpy (neighbours once per space, from the full
+  N x N matrix rounded to 1e-6, ties to the lower index).
+The last two columns are the largest difference of any precision@k from ours: against numpy it should be 0
+(it is 1 / (N k), one neighbour, where float noise straddles a rounding boundary); torch does not round, so
+near-ties within float noise may go either way.
+All pairs do identical work, so ``--ref_pairs=P`` times the torch reference on P pairs and scales to all of
+them (marked "~"). Then the blockwise search alone (one space, ``knn_indices``) from N = ``--min_n``
+(100 000), doubling, up to ``--max_n``, with its throughput as a fraction of the matmul floor's (and of the
+GPU's fp32 peak, on a GPU).
+
+Each measurement runs in a fresh process. Memory on CPU: the process's peak RSS (VmHWM) minus its RSS once
+its framework is imported, minus the inputs' bytes. XLA's buffers count (tracemalloc would miss them), and so
+do one-off costs such as compiling (~100-200 MB for ours, whatever N); inputs are made one space at a time,
+so setup adds at most one space (N D 4 bytes) to the peak. On a GPU: the peak device memory in use (JAX
+``memory_stats``, ``torch.cuda.max_memory_allocated``) minus the inputs' bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+PEAK_FP32_TFLOPS = {  # dense float32 (no tensor cores: the kernel asks for full float32 precision)
+    "H100 80GB HBM3": 66.9, "H100 SXM": 66.9, "H100 PCIe": 51.2, "H100 NVL": 60.0, "H200": 66.9,
+    "A100": 19.5, "L4": 30.3, "A10G": 31.2,
+}
+
+
+# ---------------------------------------------------------------------------------------- one measurement
+def _status_bytes(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak so far) of this process, in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+
+def _measure(spec: dict) -> dict:
+    """Runs one implementation on fresh inputs in this process; seconds, memory and the result."""
+    impl, n, d, m = spec["impl"], spec["n"], spec["d"], spec["m"]
+    setup, make = _IMPLS[impl]
+    native, on_host = setup()  # imports the framework before the baseline
+    baseline = _status_bytes("VmRSS")
+    rng = np.random.default_rng(0)
+    spaces = [native(rng.standard_normal((n, d), dtype=np.float32)) for _ in range(m)]  # one numpy at a time
+    run, device_extra = make(spaces, spec, m * n * d * 4)
+    start = time.perf_counter()
+    result = run()
+    seconds = time.perf_counter() - start
+    host_extra = _status_bytes("VmHWM") - baseline - (m * n * d * 4 if on_host else 0)
+    out = {"seconds": seconds, "rss_extra": max(host_extra, 0), "device_extra": device_extra(),
+           "result": result}
+    if spec.get("warm"):  # a second call: the same shapes, already compiled
+        start = time.perf_counter()
+        run()
+        out["seconds_warm"] = time.perf_counter() - start
+    return out
+
+
+def _jax_setup():
+    import jax
+    import jax.numpy as jnp
+
+    return (lambda x: jax.block_until_ready(jnp.asarray(x))), jax.devices()[0].platform == "cpu"
+
+
+def _jax_device_extra(inputs: int):
+    """Peak device memory beyond the inputs, read after the run; None on CPU (RSS is used there)."""
+    import jax
+
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return lambda: None
+    return lambda: device.memory_stats()["peak_bytes_in_use"] - inputs
+
+
+def _ours(spaces, spec: dict, inputs: int):
+    from lvaa_jax.alignment import precision_matrix
+
+    named = {f"s{i}": x for i, x in enumerate(spaces)}
+    return (lambda: precision_matrix(named, spec["k"])[1].tolist()), _jax_device_extra(inputs)
+
+
+def _ours_knn(spaces, spec: dict, inputs: int):
+    from lvaa_jax.alignment import knn_indices
+
+    return (lambda: np.asarray(knn_indices(spaces[0], spec["k"]))[:2].tolist()), _jax_device_extra(inputs)
+
+
+def _floor(spaces, spec: dict, inputs: int):
+    import jax
+    import jax.numpy as jnp
+
+    gram = jax.jit(lambda x: jnp.dot(x, x.T, precision=jax.lax.Precision.HIGHEST))
+    jax.block_until_ready(gram(spaces[0]))  # compile outside the timing: one shape for all spaces
+
+    def run():
+        for x in spaces:
+            jax.block_until_ready(gram(x))
+
+    return run, _jax_device_extra(inputs)
+
+
+def _torch_setup():
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return (lambda x: torch.from_numpy(x).to(device)), device == "cpu"
+
+
+def _torch(spaces, spec: dict, inputs: int):
+    import torch
+
+    k = spec["k"]
+    pairs = [(a, b) for a in range(len(spaces)) for b in range(a + 1, len(spaces))]
+    pairs = pairs[: spec["ref_pairs"] or len(pairs)]
+    cuda = spaces[0].is_cuda
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def neighbours(x):  # PRH compute_nearest_neighbors, topk for its full argsort
+        x = torch.nn.functional.normalize(x, dim=-1)
+        return (x @ x.T).fill_diagonal_(-1e8).topk(k, dim=1).indices
+
+    def mutual_knn(a, b):  # PRH mutual_knn
+        knn_a, knn_b = neighbours(a), neighbours(b)
+        n = knn_a.shape[0]
+        rows = torch.arange(n, device=knn_a.device).unsqueeze(1)
+        mask_a = torch.zeros(n, n, device=knn_a.device)
+        mask_b = torch.zeros(n, n, device=knn_a.device)
+        mask_a[rows, knn_a] = 1.0
+        mask_b[rows, knn_b] = 1.0
+        return ((mask_a * mask_b).sum(dim=1) / k).mean().item()
+
+    def run():
+        with torch.no_grad():
+            out = [mutual_knn(spaces[a], spaces[b]) for a, b in pairs]
+        sync()
+        return out
+
+    return run, (lambda: torch.cuda.max_memory_allocated() - inputs) if cuda else (lambda: None)
+
+
+def _numpy(spaces, spec: dict, inputs: int):
+    k = spec["k"]
+    def neighbours(x):  # our definition: similarities rounded to 1e-6, ties to the lower index
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        sims = x @ x.T
+        n, top = x.shape[0], []
+        for start in range(0, n, 1024):  # integer sort keys for 1024 rows at a time, not N x N int64
+            rows = np.round(sims[start : start + 1024] * 1e6).astype(np.int64)
+            key = rows * (1 << 21) - np.arange(n)  # larger first, then lower index; exact for N < 2^21
+            key[np.arange(len(key)), np.arange(start, start + len(key))] = -(1 << 62)
+            top.append(np.argpartition(-key, k, axis=1)[:, :k])
+        return np.concatenate(top)
+
+    def run():
+        sets = [neighbours(x) for x in spaces]
+        n = sets[0].shape[0]
+        return [[float((a[:, :, None] == b[:, None, :]).sum()) / (n * k) for b in sets] for a in sets]
+
+    return run, lambda: None
+
+
+_IMPLS = {  # name: (setup returning (numpy -> native array, inputs live in host memory), make)
+    "ours": (_jax_setup, _ours),
+    "ours_knn": (_jax_setup, _ours_knn),
+    "floor": (_jax_setup, _floor),
+    "torch": (_torch_setup, _torch),
+    "numpy": (lambda: ((lambda x: x), True), _numpy),
+}
+
+
+# ---------------------------------------------------------------------------------------- the driver
+def measure(spec: dict, timeout: float) -> dict | None:
+    """``_measure`` in a fresh process (its own peak memory); None when it failed or ran out of time."""
+    try:
+        done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
+                              text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        print(f"  {spec['impl']}: over {timeout:.0f} s, skipped", flush=True)
+        return None
+    if done.returncode != 0:
+        print(f"  {spec['impl']} failed: {done.stderr.strip().splitlines()[-1:]}", flush=True)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _mib(b: float | None) -> str:
+    return "-" if b is None else f"{b / 2**20:,.0f} MiB"
+
+
+def _mem(r: dict) -> float:
+    return r["device_extra"] if r.get("device_extra") is not None else r["rss_extra"]
+
+
+def device_summary() -> tuple[str, float | None]:
+    import jax
+
+    device = jax.devices()[0]
+    kind = device.device_kind
+    peak = next((v for name, v in PEAK_FP32_TFLOPS.items() if name.lower() in kind.lower()), None)
+    print(f"devices: {jax.devices()}; kind {kind!r}; jax {jax.__version__}")
+    stats = device.memory_stats()
+    if stats:
+        print(f"memory: {stats.get('bytes_limit', 0) / 2**30:.1f} GiB; peak fp32 {peak or '?'} TFLOP/s")
+    try:
+        import torch
+
+        where = "cuda" if torch.cuda.is_available() else "cpu"
+        print(f"torch {torch.__version__}: the reference runs on {where}")
+    except ImportError:
+        print("torch is not installed: no torch reference")
+    return device.platform, peak
+
+
+HEADER = (f"{'N':>7} {'D':>5} | {'ours':>7} {'warm':>7} {'mem':>9} | {'floor':>7} {'ours/fl':>7} | "
+          f"{'torch':>8} {'x':>6} {'mem':>10} | {'numpy':>7} {'x':>5} {'mem':>10} | {'d numpy':>8} {'d torch':>8}")
+
+
+def compare(n: int, d: int, args: argparse.Namespace, refs: list[str], peak: float | None) -> float | None:
+    """One row of the comparison (M spaces of N x D); returns the floor's matmul FLOP/s."""
+    pairs = args.spaces * (args.spaces - 1) // 2
+    spec = {"n": n, "d": d, "m": args.spaces, "k": args.k, "ref_pairs": args.ref_pairs}
+    ours = measure(spec | {"impl": "ours", "warm": n <= args.warm_max_n}, args.timeout_s)
+    floor = measure(spec | {"impl": "floor"}, args.timeout_s)
+    got = {r: measure(spec | {"impl": r}, args.timeout_s) for r in refs}
+    if ours is None:
+        return None
+    t = ours.get("seconds_warm", ours["seconds"])
+    row = f"{n:>7} {d:>5} | {ours['seconds']:>7.2f} {t:>7.2f} {_mib(_mem(ours)):>9} | "
+    row += f"{floor['seconds']:>7.2f} {t / floor['seconds']:>7.2f} | " if floor else f"{'-':>7} {'-':>7} | "
+    mine, diff = np.asarray(ours["result"]), {}
+    if tr := got.get("torch"):
+        done = len(tr["result"])
+        total = tr["seconds"] * pairs / done
+        mark = "" if done == pairs else "~"
+        row += f"{mark + format(total, '.1f'):>8} {total / t:>5.1f}x {_mib(_mem(tr)):>10} | "
+        diff["torch"] = float(np.abs(mine[np.triu_indices(args.spaces, 1)][:done] - tr["result"]).max())
+    else:
+        row += f"{'-':>8} {'-':>6} {'-':>10} | "
+    if npy := got.get("numpy"):
+        row += f"{npy['seconds']:>7.2f} {npy['seconds'] / t:>4.1f}x {_mib(_mem(npy)):>10} | "
+        diff["numpy"] = float(np.abs(mine - np.asarray(npy["result"])).max())
+    else:
+        row += f"{'-':>7} {'-':>5} {'-':>10} | "
+    row += " ".join(f"{diff[r]:>8.1e}" if r in diff else f"{'-':>8}" for r in ("numpy", "torch"))
+    print(row, flush=True)
+    if not floor:
+        return None
+    flops = args.spaces * 2 * n * n * d
+    if peak:
+        tflops = flops / t / 1e12
+        print(f"{'':>15} ours {tflops:.1f} TFLOP/s = {tflops / peak:.0%} of the {peak} TFLOP/s fp32 peak; "
+              f"floor {flops / floor['seconds'] / 1e12 / peak:.0%}", flush=True)
+    return flops / floor["seconds"]
+
+
+def scaling(args: argparse.Namespace, floor_rate: float | None, peak: float | None) -> None:
+    """The blockwise search alone on one space, N doubling from --min_n to --max_n."""
+    d = args.scale_dim
+    print(f"\nBlockwise kNN alone, one space, D = {d}, k = {args.k}")
+    print(f"{'N':>9} | {'seconds':>8} {'mem':>10} {'mem/N':>9} | {'GFLOP/s':>8} {'of floor':>8} {'of peak':>7}")
+    sizes = [args.min_n * 2**i for i in range(64) if args.min_n * 2**i < args.max_n] + [args.max_n]
+    for n in sizes:
+        r = measure({"impl": "ours_knn", "n": n, "d": d, "m": 1, "k": args.k}, args.timeout_s)
+        if r is None:
+            return
+        rate = 2 * n * n * d / r["seconds"]
+        of_floor = f"{rate / floor_rate:.0%}" if floor_rate else "-"
+        of_peak = f"{rate / 1e12 / peak:.0%}" if peak else "-"
+        print(f"{n:>9} | {r['seconds']:>8.1f} {_mib(_mem(r)):>10} {_mem(r) / n:>7.0f} B | {rate / 1e9:>8.1f} "
+              f"{of_floor:>8} {of_peak:>7}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="2000,10000,20000", help="N values of the comparison ('': none)")
+    parser.add_argument("--dims", default="384,4096", help="D values of the comparison")
+    parser.add_argument("--spaces", type=int, default=8, help="M, spaces compared pairwise")
+    parser.add_argument("--k", type=int, default=15)
+    parser.add_argument("--ref_pairs", type=int, default=3, help="pairs the torch reference runs (0: all)")
+    parser.add_argument("--refs", default="torch,numpy", help="references to run (comma-separated, or none)")
+    parser.add_argument("--repeats", type=int, default=1, help="repeat the whole comparison (noisy machines)")
+    parser.add_argument("--warm_max_n", type=int, default=10000, help="time ours compiled up to this N too")
+    parser.add_argument("--min_n", type=int, default=100000, help="first N of the scaling run (then doubled)")
+    parser.add_argument("--max_n", type=int, default=200000, help="largest N of the scaling run (0: none)")
+    parser.add_argument("--scale_dim", type=int, default=384, help="D of the scaling run")
+    parser.add_argument("--peak_tflops", type=float, default=0, help="GPU peak fp32 TFLOP/s (default: known)")
+    parser.add_argument("--device_summary", action="store_true", help="print the devices and their peak")
+    parser.add_argument("--timeout_s", type=float, default=3600, help="per measurement")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one measurement as JSON
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(_measure(json.loads(args.child))))
+        return
+
+    platform, peak = device_summary() if args.device_summary else ("cpu", None)
+    peak = (args.peak_tflops or peak) if platform != "cpu" else None
+    refs = [r for r in args.refs.split(",") if r in ("torch", "numpy")]
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    floor_rate = {}  # D -> matmul FLOP/s of the floor at the largest N
+    if sizes:
+        print(f"M = {args.spaces} spaces, k = {args.k}; seconds, and memory beyond the runtime and the inputs")
+    for _ in range(args.repeats if sizes else 0):
+        print(HEADER)
+        for n in sizes:
+            for d in map(int, args.dims.split(",")):
+                floor_rate[d] = compare(n, d, args, refs, peak) or floor_rate.get(d)
+    if sizes:
+        print("'warm': a second call on the same shapes, compiled (ratios use it when measured). 'x': reference "
+              "time / ours. '~': torch timed on --ref_pairs pairs, scaled to all.")
+    if args.max_n:
+        scaling(args, floor_rate.get(args.scale_dim), peak)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Files the alignment stage writes: matrices and records as CSV + JSON, heatmaps, layer curves, report.md.
+
+Figures use matplotlib's object API (``Figure``), never pyplot, so nothing depends on a display or on global
+backend state.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+
+def _plain(value):
+    """JSON-safe: numpy scalars and arrays as Python values, non-finite floats as null."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: Path, payload: Mapping) -> None:
+    path.write_text(json.dumps(_plain(dict(payload)), indent=1, allow_nan=False) + "\n")
+
+
+def write_matrix(out_dir: Path, metric: str, names: Sequence[str], matrix: np.ndarray, **extra) -> None:
+    """``<metric>.csv`` (first column and header: space names) and ``<metric>.json`` (names, matrix, extra)."""
+    with open(out_dir / f"{metric}.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["space", *names])
+        for name, row in zip(names, np.asarray(matrix), strict=True):
+            writer.writerow([name, *(f"{v:.6g}" for v in row)])
+    write_json(out_dir / f"{metric}.json", {"metric": metric, "names": list(names), "matrix": matrix, **extra})
+
+
+def write_records(out_dir: Path, stem: str, records: Sequence[Mapping], **extra) -> None:
+    """``<stem>.csv`` (one row per record, flat values) and ``<stem>.json`` ({"records": [...], **extra})."""
+    with open(out_dir / f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]) if records else [])
+        writer.writeheader()
+        writer.writerows(records)
+    write_json(out_dir / f"{stem}.json", {"records": list(records), **extra})
+
+
+def heatmap(path: Path, names: Sequence[str], matrix: np.ndarray, title: str) -> None:
+    """An annotated M x M heatmap; the colour scale is fixed to [0, 1] when every value lies in it."""
+    matrix = np.asarray(matrix, dtype=float)
+    finite = matrix[np.isfinite(matrix)]
+    unit = finite.size and finite.min() >= 0 and finite.max() <= 1
+    size = 1.6 + 0.7 * len(names)
+    fig = Figure(figsize=(size + 1.2, size), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(matrix, cmap="viridis", vmin=0 if unit else None, vmax=1 if unit else None)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    if len(names) <= 12:
+        middle = np.nanmean(finite) if finite.size else 0
+        for (i, j), v in np.ndenumerate(matrix):
+            colour = "black" if v > middle else "white"
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color=colour)
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax)
+    fig.savefig(path, dpi=120)
+
+
+def layer_curves(path: Path, space: str, curves: Mapping[str, Sequence[float]], chance: float, k: int) -> None:
+    """precision@k of every layer of ``space`` against each other space (at that space's last layer)."""
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = fig.subplots()
+    for other, values in curves.items():
+        ax.plot(range(len(values)), values, marker="o", markersize=3, label=other)
+    ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance k/(N-1)")
+    ax.set_xlabel(f"layer of {space}")
+    ax.set_ylabel(f"precision@{k}")
+    ax.set_title(f"{space}: alignment by layer")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown_matrix(names: Sequence[str], matrix: np.ndarray, fmt: str = ".3f") -> str:
+    rows = [[name, *(format(v, fmt) for v in row)] for name, row in zip(names, matrix, strict=True)]
+    return markdown_table(["", *names], rows)
+
+
+TITLES = {  # metric -> heading and heatmap title; every metric here gets a heatmap
+    "precision_at_k": "Precision@{k}, last layers",
+    "precision_at_k_best_layers": "Precision@{k}, best layer pair",
+    "precision_calibrated": "Precision@{k} minus permutation null, last layers",
+    "precision_calibrated_best_layers": "Precision@{k} minus permutation null, best layer pair",
+    "procrustes": "Orthogonal Procrustes similarity, last layers",
+    "cka": "Linear CKA, last layers",
+    "cka_debiased": "Debiased linear CKA, last layers",
+    "rsa": "RSA (Spearman of cosine distances), last layers",
+}
+
+
+def render(summary: Mapping, matrices: Mapping[str, np.ndarray], sweep: Sequence[Mapping],
+           extra_sections: Mapping[str, str]) -> str:
+    """report.md: settings, headline table, matrices, k sweep, then ``extra_sections`` in order."""
+    n, k, chance, s = summary["n"], summary["k"], summary["chance"], summary["settings"]
+    names = [space["name"] for space in summary["spaces"]]
+    ci = f"{s['ci_level']:.0%} CI"
+    out = [
+        "# Alignment report",
+        f"{len(names)} spaces over N = {n} instructions. precision@k with k = {k}: the mean over instructions of "
+        f"the fraction of their k nearest neighbours (cosine, ties to the lower index) shared by two spaces. "
+        f"Chance level k/(N-1) = {chance:.4f}. Permutation null: {s['permutations']} random relabellings of "
+        f"the second space's instructions; bootstrap: {s['bootstrap']} resamples of the instructions, "
+        f"percentile intervals (for the best pair, at the chosen layers). Outlier clamp at the 95th "
+        f"percentile of |x|: "
+        f"{'on' if s['clamp_outliers'] else 'off'}.",
+        markdown_table(["space", "layers", "width"],
+                       [[sp["name"], sp["layers"], sp["width"]] for sp in summary["spaces"]]),
+        "Layers are numbered along each table's layer axis from 0 (for tables that keep every layer of a "
+        "Hugging Face model, 0 is the input embeddings). Each pair is scored at its last layers and at its "
+        "best layer pair, the maximum of precision@k over all layer pairs of the two spaces (as the Platonic "
+        "Representation Hypothesis code does). Maxima over layers and wide features inflate raw scores, so "
+        "every score also comes permutation-calibrated: raw minus the mean of its permutation null, with the "
+        "one-sided p-value (1 + #{null >= raw}) / (1 + permutations). The best-pair null is the null of the "
+        "same maximum over layer pairs.",
+        f"## Headline: precision@{k}",
+        markdown_table(
+            ["A", "B", "last layers", "precision", ci, "calibrated", "p", "best layers", "precision", ci,
+             "calibrated", "p"],
+            [[pair["a"], pair["b"], *(cell for which in ("last", "best") for cell in _headline(pair[which]))]
+             for pair in summary["pairs"]]),
+    ]
+    for metric in ("precision_at_k", "precision_at_k_best_layers", "precision_calibrated",
+                   "precision_calibrated_best_layers"):
+        out += [f"### {TITLES[metric].format(k=k)}", markdown_matrix(names, matrices[metric])]
+    out.append("## Companion metrics, last layers")
+    if s["rsa_instructions"] < n:
+        out.append(f"RSA is computed on a fixed random subset of {s['rsa_instructions']} instructions "
+                   "(it needs N^2 memory; align.rsa_max_n).")
+    for metric in ("procrustes", "cka", "cka_debiased", "rsa"):
+        out += [f"### {TITLES[metric]}", markdown_matrix(names, matrices[metric])]
+    ks = sorted({r["k"] for r in sweep})
+    table = {(r["a"], r["b"]): {} for r in sweep}
+    for r in sweep:
+        table[r["a"], r["b"]][r["k"]] = r["precision"]
+    out += [
+        f"## k sweep, last layers (N = {n})",
+        "Mutual-kNN agreement depends on N as well as k (it falls as N grows at fixed k), so these figures "
+        f"hold for N = {n}.",
+        markdown_table(["A", "B", *(f"k={kk}" for kk in ks)],
+                       [[a, b, *(f"{row[kk]:.3f}" for kk in ks)] for (a, b), row in table.items()]
+                       + [["chance", "", *(f"{kk / (n - 1):.3f}" for kk in ks)]]),
+    ]
+    if s["sweep_skipped"]:
+        out.append(f"Not computed (k must be below N = {n}): k = {', '.join(map(str, s['sweep_skipped']))}.")
+    for heading, body in extra_sections.items():
+        out += [f"## {heading}", body.strip()]
+    return "\n\n".join(out) + "\n"
+
+
+def _headline(values: Mapping) -> list[str]:
+    return [
+        "/".join(map(str, values["layers"])),
+        f"{values['precision']:.3f}",
+        f"[{values['ci_low']:.3f}, {values['ci_high']:.3f}]",
+        f"{values['calibrated']:+.3f}",
+        f"{values['p_value']:.3g}",
+    ]

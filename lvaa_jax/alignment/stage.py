@@ -1,0 +1,299 @@
+"""Stage 4: how alike are the embedding spaces? ``align_tables`` scores every pair and writes the report.
+
+Order of work, each step reusing the previous one's arrays:
+1. kNN index sets once per (space, layer), at the largest k any score needs (the k sweep takes prefixes).
+2. Overlaps for every layer pair of every two spaces (one batched kernel): per-layer curves, last-layer and
+   best-layer-pair scores.
+3. Permutation null of every layer pair by relabelling the index sets; the best-pair score is calibrated
+   against the null of the same maximum over layer pairs (max-over-layers inflates raw scores).
+4. Bootstrap intervals from per-instruction overlaps; the k sweep; Procrustes, CKA and RSA at the last layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from lvaa_jax.alignment import report
+from lvaa_jax.alignment.knn import (
+    knn_indices,
+    overlap_counts,
+    overlap_totals,
+    sweep_totals,
+    symmetric,
+    upper_pairs,
+)
+from lvaa_jax.alignment.similarity import similarity_matrices
+from lvaa_jax.alignment.spaces import check_k, check_space, clamp_outliers, unit_rows
+from lvaa_jax.alignment.stats import (
+    bootstrap_means,
+    map_chunks,
+    p_values,
+    percentile_interval,
+    permutation_null,
+)
+from lvaa_jax.embeddings.table import EmbeddingTable, load_table
+from lvaa_jax.errors import LvaaError
+
+log = logging.getLogger(__name__)
+
+CI_LEVEL = 0.95
+_LAYER_PAIR_CHUNK = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The ``align`` config section, validated against the number of instructions N."""
+
+    k: int
+    sweep: tuple[int, ...]  # the k values below N; larger ones are listed in ``sweep_skipped``
+    sweep_skipped: tuple[int, ...]
+    permutations: int
+    bootstrap: int
+    clamp_outliers: bool
+    block_size: int | None
+    rsa_max_n: int
+    seed: int
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, n: int) -> Settings:
+        def positive(key: str, value) -> int:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise LvaaError(f"align.{key}={value!r}: must be a positive integer")
+            return int(value)
+
+        sweep = sorted({positive("k_sweep", k) for k in config.k_sweep})
+        block = config.block_size
+        return cls(
+            k=check_k(config.k, n, "align.k"),
+            sweep=tuple(k for k in sweep if k < n),
+            sweep_skipped=tuple(k for k in sweep if k >= n),
+            permutations=positive("permutations", config.permutations),
+            bootstrap=positive("bootstrap", config.bootstrap),
+            clamp_outliers=bool(config.clamp_outliers),
+            block_size=None if block == 0 else positive("block_size", block),
+            rsa_max_n=max(4, positive("rsa_max_n", config.rsa_max_n)),
+            seed=int(config.seed),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPairs:
+    """Every scored layer pair. Spaces a < b: all L_a x L_b layer pairs; a space with itself: its last layer
+    only (any layer matches itself perfectly). Rows of one space pair are contiguous."""
+
+    rows: np.ndarray  # int32[Q, 2]: rows of the [T, N, K] stack of (space, layer) index sets
+    layers: np.ndarray  # int32[Q, 2]: the layer within each space
+    start: np.ndarray  # int[P]: first row of each space pair
+    last: np.ndarray  # int[P]: row of each space pair's last-layer pair
+
+    @classmethod
+    def build(cls, num_layers: Sequence[int], space_pairs: np.ndarray) -> LayerPairs:
+        offset = np.cumsum([0, *num_layers])[:-1]
+        layers, start, last = [], [], []
+        size = 0
+        for a, b in space_pairs:
+            top = (num_layers[a] - 1, num_layers[b] - 1)
+            grid = np.asarray([top]) if a == b else np.argwhere(np.ones(np.add(top, 1), bool))
+            start.append(size)
+            last.append(size + len(grid) - 1)  # argwhere lists the grid row-major: (top) comes last
+            layers.append(grid)
+            size += len(grid)
+        layers = np.concatenate(layers).astype(np.int32)
+        owners = np.repeat(space_pairs, np.diff([*start, size]), axis=0)
+        return cls(layers + offset[owners], layers, np.asarray(start), np.asarray(last))
+
+
+def align_folder(embeddings_dir: str | Path, config: ml_collections.ConfigDict, out_dir: str | Path,
+                 extra_sections: Mapping[str, str] | None = None) -> dict:
+    """``align_tables`` on every ``*.npz`` table in ``embeddings_dir``, named by file stem, in name order."""
+    embeddings_dir = Path(embeddings_dir)
+    if not embeddings_dir.is_dir():
+        raise LvaaError(f"{embeddings_dir}: no such folder of embedding tables")
+    paths = sorted(embeddings_dir.glob("*.npz"))
+    if not paths:
+        raise LvaaError(f"{embeddings_dir}: no embedding tables (*.npz) in this folder")
+    return align_tables({p.stem: load_table(p) for p in paths}, config, Path(out_dir), extra_sections)
+
+
+def align_tables(tables: Mapping[str, EmbeddingTable], config: ml_collections.ConfigDict, out_dir: Path,
+                 extra_sections: Mapping[str, str] | None = None) -> dict:
+    """Scores every pair of spaces and writes matrices, k sweep, layer curves, heatmaps, ``report.md`` (with
+    ``extra_sections``, heading -> Markdown, appended in order) and ``summary.json`` to ``out_dir``.
+
+    ``config`` is the ``align`` section of the study config. Returns the summary (headline numbers).
+    """
+    if len(tables) < 2:
+        raise LvaaError(f"need at least two embedding tables to compare, got {len(tables)}")
+    names = tuple(tables)
+    n = _check_instructions(tables)
+    s = Settings.from_config(config, n)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    num_layers = [tables[name].num_layers for name in names]
+    key = jax.random.key(s.seed)
+
+    def space(name: str, layer: int) -> tuple[jax.Array, str]:
+        label = name if tables[name].num_layers == 1 else f"{name} (layer {layer % tables[name].num_layers})"
+        x = check_space(tables[name].layer(layer), label)
+        return (clamp_outliers(x) if s.clamp_outliers else x), label
+
+    big_k = max(s.k, *s.sweep)
+    items = [(name, layer) for name, count in zip(names, num_layers, strict=True) for layer in range(count)]
+    neighbours = []
+    for name, layer in tqdm(items, desc="neighbours", leave=False):
+        x, label = space(name, layer)
+        neighbours.append(knn_indices(x, big_k, block_size=s.block_size, name=label))
+    indices = jnp.stack(neighbours)
+    head = indices[..., : s.k]
+
+    space_pairs = upper_pairs(len(names))
+    lp = LayerPairs.build(num_layers, space_pairs)
+    rows = jnp.asarray(lp.rows)
+    raw = map_chunks(lambda ids: overlap_totals(head, head, rows[jnp.minimum(ids, len(rows) - 1)]),
+                     len(rows), min(_LAYER_PAIR_CHUNK, len(rows)), "layer pairs")
+    best = lp.start + np.asarray([segment.argmax() for segment in np.split(raw, lp.start[1:])])
+    null = permutation_null(head, lp.rows, jax.random.fold_in(key, 0), s.permutations)
+    counts = overlap_counts(head, head, rows[np.concatenate([lp.last, best])])
+    boot = bootstrap_means(counts, jax.random.fold_in(key, 1), s.bootstrap) / s.k
+    ci_low, ci_high = percentile_interval(boot, CI_LEVEL)
+    sweep = np.asarray(sweep_totals(indices, rows[lp.last], s.sweep)) / (n * np.asarray(s.sweep))
+
+    scale = n * s.k
+    scores = {}
+    for which, chosen, nulls in (("last", lp.last, null[:, lp.last]),
+                                 ("best", best, np.maximum.reduceat(null, lp.start, axis=1))):
+        mean = nulls.mean(0) / scale
+        scores[which] = dict(layers=lp.layers[chosen], precision=raw[chosen] / scale, null_mean=mean,
+                             calibrated=raw[chosen] / scale - mean, p_value=p_values(raw[chosen], nulls))
+    p = len(space_pairs)
+    scores["last"].update(ci_low=ci_low[:p], ci_high=ci_high[:p])
+    scores["best"].update(ci_low=ci_low[p:], ci_high=ci_high[p:])
+
+    last_spaces = [unit_rows(space(name, -1)[0]) for name in names]
+    rsa_rows = _rsa_rows(n, s.rsa_max_n, jax.random.fold_in(key, 2))
+    similarities = similarity_matrices(last_spaces, [x[rsa_rows] for x in last_spaces])
+
+    summary = _summary(names, tables, n, s, space_pairs, scores, rsa_rows.size)
+    _write(out_dir, summary, names, s, space_pairs, scores, similarities, lp, raw, sweep, num_layers,
+           extra_sections or {})
+    return summary
+
+
+def _check_instructions(tables: Mapping[str, EmbeddingTable]) -> int:
+    """N, after checking every table lists the first table's instructions in the same order."""
+    (first, reference), *rest = tables.items()
+    want = reference.instructions
+    for name, table in rest:
+        got = table.instructions
+        if got == want:
+            continue
+        if len(got) != len(want):
+            raise LvaaError(f"{name}: {len(got)} instructions, but {first} has {len(want)}; every table must "
+                            "embed the same instruction list")
+        if sorted(got) == sorted(want):
+            i = next(i for i, (g, w) in enumerate(zip(got, want, strict=True)) if g != w)
+            raise LvaaError(f"{name}: same instructions as {first} in a different order (row {i}: {got[i]!r} "
+                            f"vs {want[i]!r}); every table must list them in the canonical order")
+        present = set(got)
+        missing = next(w for w in want if w not in present)
+        raise LvaaError(f"{name}: instruction list differs from {first}'s ({missing!r} is missing)")
+    return len(want)
+
+
+def _rsa_rows(n: int, limit: int, key: jax.Array) -> np.ndarray:
+    """The instructions RSA is computed on: all, or a fixed random subset of ``limit`` (it needs N^2 memory)."""
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.asarray(jax.random.choice(key, n, (limit,), replace=False)))
+
+
+def _summary(names: tuple[str, ...], tables: Mapping[str, EmbeddingTable], n: int, s: Settings,
+             space_pairs: np.ndarray, scores: dict[str, dict[str, np.ndarray]], rsa_n: int) -> dict:
+    """The headline numbers of every pair of distinct spaces, with the settings (summary.json)."""
+    pairs = []
+    for p, (a, b) in enumerate(space_pairs):
+        if a == b:
+            continue
+        entry = {"a": names[a], "b": names[b]}
+        for which, values in scores.items():
+            entry[which] = {key: v[p].tolist() if key == "layers" else float(v[p]) for key, v in values.items()}
+        pairs.append(entry)
+    return {
+        "n": n,
+        "k": s.k,
+        "chance": s.k / (n - 1),
+        "spaces": [{"name": name, "layers": tables[name].num_layers, "width": tables[name].embeddings.shape[-1],
+                    "meta": tables[name].meta} for name in names],
+        "settings": dataclasses.asdict(s) | {"ci_level": CI_LEVEL, "rsa_instructions": rsa_n},
+        "pairs": pairs,
+    }
+
+
+def _write(out_dir: Path, summary: dict, names: tuple[str, ...], s: Settings, space_pairs: np.ndarray,
+           scores: dict[str, dict[str, np.ndarray]], similarities: dict[str, np.ndarray], lp: LayerPairs,
+           raw: np.ndarray, sweep: np.ndarray, num_layers: list[int], extra_sections: Mapping[str, str]) -> None:
+    """Every output file: matrices, records, figures, report.md and summary.json."""
+    m, n, k = len(names), summary["n"], s.k
+    common = {"n": n, "k": k, "chance": summary["chance"]}
+    matrices = dict(similarities)
+    for which, suffix in (("last", ""), ("best", "_best_layers")):
+        values = scores[which]
+        layers = np.zeros((m, m, 2), np.int32)  # [a, b] = (layer of a, layer of b)
+        layers[space_pairs[:, 0], space_pairs[:, 1]] = values["layers"]
+        layers[space_pairs[:, 1], space_pairs[:, 0]] = values["layers"][:, ::-1]
+        for key, metric in (("precision", "precision_at_k"), ("calibrated", "precision_calibrated"),
+                            ("p_value", "precision_p_value"), ("null_mean", "precision_null_mean"),
+                            ("ci_low", "precision_ci_low"), ("ci_high", "precision_ci_high")):
+            matrices[metric + suffix] = symmetric(m, space_pairs, values[key])
+            report.write_matrix(out_dir, metric + suffix, names, matrices[metric + suffix], **common,
+                                layers=layers)
+    for metric in similarities:
+        report.write_matrix(out_dir, metric, names, matrices[metric], **common)
+    for metric, title in report.TITLES.items():
+        report.heatmap(out_dir / f"{metric}.png", names, matrices[metric], title.format(k=k))
+
+    off = space_pairs[:, 0] != space_pairs[:, 1]
+    sweep_records = [{"a": names[a], "b": names[b], "k": kk, "n": n, "precision": float(sweep[p, j]),
+                      "chance": kk / (n - 1)}
+                     for p, (a, b) in enumerate(space_pairs) if off[p] for j, kk in enumerate(s.sweep)]
+    report.write_records(out_dir, "k_sweep", sweep_records, n=n, skipped_k=list(s.sweep_skipped))
+
+    owner = np.repeat(np.arange(len(space_pairs)), np.diff([*lp.start, len(raw)]))
+    layer_records = [{"a": names[space_pairs[o, 0]], "layer_a": int(la), "b": names[space_pairs[o, 1]],
+                      "layer_b": int(lb), "precision": float(v / (n * k))}
+                     for o, (la, lb), v in zip(owner, lp.layers, raw, strict=True) if off[o]]
+    report.write_records(out_dir, "layers", layer_records, **common,
+                         num_layers=dict(zip(names, num_layers, strict=True)))
+    precision_of = {}
+    for r in layer_records:
+        precision_of[r["a"], r["layer_a"], r["b"], r["layer_b"]] = r["precision"]
+        precision_of[r["b"], r["layer_b"], r["a"], r["layer_a"]] = r["precision"]
+    for name, count in zip(names, num_layers, strict=True):
+        if count > 1:
+            curves = {other: [precision_of[name, layer, other, last - 1] for layer in range(count)]
+                      for other, last in zip(names, num_layers, strict=True) if other != name}
+            report.layer_curves(out_dir / f"layers_{name}.png", name, curves, summary["chance"], k)
+
+    report.write_records(out_dir, "headline", [_flat(entry) for entry in summary["pairs"]], **common)
+    (out_dir / "report.md").write_text(report.render(summary, matrices, sweep_records, extra_sections))
+    report.write_json(out_dir / "summary.json", summary)
+    log.info("alignment of %d spaces over %d instructions written to %s", m, n, out_dir)
+
+
+def _flat(entry: dict) -> dict:
+    """One headline pair as a flat CSV row."""
+    row = {"a": entry["a"], "b": entry["b"]}
+    for which in ("last", "best"):
+        values = entry[which]
+        row[f"layer_a_{which}"], row[f"layer_b_{which}"] = values["layers"]
+        row.update({f"{key}_{which}": v for key, v in values.items() if key != "layers"})
+    return row

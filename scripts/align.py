@@ -1,0 +1,37 @@
+"""Stage 4: score the alignment of every pair of embedding spaces; writes matrices, report.md and heatmaps.
+
+    python scripts/align.py --embeddings=runs/default/embeddings --k=15 --out=runs/default/alignment
+    python scripts/align.py --workdir=runs/default   # the same folders, from the run folder
+
+Every other setting is the ``align`` section of --config (``--config.align.permutations=1000``).
+"""
+
+from absl import flags
+
+from lvaa_jax import cli
+
+CONFIG, WORKDIR = cli.define_config_flags()
+EMBEDDINGS = flags.DEFINE_string("embeddings", None, "Folder of <space>.npz tables (default: <workdir>/embeddings).")
+OUT = flags.DEFINE_string("out", None, "Output folder (default: <workdir>/alignment).")
+K = flags.DEFINE_integer("k", None, "Neighbours per instruction for precision@k (default: the config's align.k).")
+
+
+def main(argv):
+    from lvaa_jax.alignment import align_folder
+
+    config, workdir = cli.resolve(CONFIG, WORKDIR)
+    if K.value is not None:
+        config.align.k = K.value
+    out = OUT.value or workdir / "alignment"
+    summary = align_folder(EMBEDDINGS.value or workdir / "embeddings", config.align, out)
+    print(f"N = {summary['n']} instructions, k = {summary['k']}, chance {summary['chance']:.4f}")
+    for pair in summary["pairs"]:
+        last, best = pair["last"], pair["best"]
+        print(f"{pair['a']:>20s} ~ {pair['b']:<20s} precision@k {last['precision']:.3f} "
+              f"(calibrated {last['calibrated']:+.3f}, p {last['p_value']:.3g}); best layers "
+              f"{best['layers'][0]}/{best['layers'][1]}: {best['precision']:.3f}")
+    print(f"report: {out}/report.md")
+
+
+if __name__ == "__main__":
+    cli.run(main)
