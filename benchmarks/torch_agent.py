@@ -77,14 +77,15 @@ class TorchAgent(nn.Module):
         query = self.query(zt).reshape(b * t, 1, -1)
         read = self.readout(query, cells, cells, need_weights=False)[0].reshape(b, t, -1)
         x = self.step(read) + self.direction(batch["direction"].long()) + self.step_position[:t] + z[:, None]
-        causal = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
+        causal = torch.triu(torch.ones(t, t, dtype=torch.bool, device=x.device), diagonal=1)
         for block in self.memory:
             x = block(x, causal=causal)
         return self.head(self.norm(x))
 
 
-def torch_step(model: TorchAgent, optimizer, batch, grad_clip: float) -> torch.Tensor:
-    logits = model(batch)
+def torch_step(model: TorchAgent, optimizer, batch, grad_clip: float, autocast: torch.dtype | None = None):
+    with torch.autocast(batch["image"].device.type, dtype=autocast, enabled=autocast is not None):
+        logits = model(batch).float()
     mask = batch["mask"].float()
     nll = F.cross_entropy(logits.flatten(0, 1), batch["action"].long().flatten(), reduction="none")
     loss = (nll * mask.flatten()).sum() / mask.sum().clamp(min=1)

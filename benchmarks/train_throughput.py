@@ -3,7 +3,7 @@
     python -m benchmarks.train_throughput                 # this machine's default device
     python -m benchmarks.train_throughput --sharding_check # also 1 vs 8 forced CPU devices
 
-Both sides train the model of configs/default.py (same widths, layers, heads, parameter count) on the
+Both sides train the model of configs/default.py (or configs/paper.py with --model=paper) (same widths, layers, heads, parameter count) on the
 same batches of real demo windows with AdamW and gradient clipping; samples are windows of
 ``context`` steps. On a GPU, model FLOPs utilisation is the compiled step's FLOPs per second over
 the bf16 matmul rate measured in the same run.
@@ -22,9 +22,11 @@ import numpy as np
 from absl import app, flags
 
 from configs.default import get_config
+from configs.paper import get_config as paper_config
 from lvaa_jax.agent.train import build_agent, create_state, make_mesh, make_train_step, shard_batch
 from lvaa_jax.babyai import WindowBatches, make_demos
 
+MODEL = flags.DEFINE_enum("model", "default", ["default", "paper"], "Model and batch of configs/<model>.py.")
 STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per measurement (after warm-up).")
 BATCH = flags.DEFINE_integer("batch_size", 0, "Windows per step (0: the config's).")
 DTYPE = flags.DEFINE_string("dtype", "float32", "JAX activation dtype: float32 or bfloat16.")
@@ -34,7 +36,7 @@ SHARDING_CHILD = flags.DEFINE_bool("sharding_child", False, "Internal: run the 1
 
 
 def demo_batches(config, workdir):
-    config.data.episodes_per_level = 200
+    config.data.episodes_per_level = max(200, config.train.batch_size)  # at least one batch of windows
     config.data.num_workers = 0
     config.data.census_resets = 0
     dataset = make_demos(config, workdir, progress=False)
@@ -66,16 +68,22 @@ def time_torch(config, dataset, batches, steps):
 
     from benchmarks.torch_agent import TorchAgent, torch_step
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = torch.bfloat16 if config.model.dtype == "bfloat16" else None
     torch.manual_seed(0)
-    model = TorchAgent(config.model, dataset.tokenizer.size, dataset.max_instruction_length)
+    model = TorchAgent(config.model, dataset.tokenizer.size, dataset.max_instruction_length).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.learning_rate,
                                   weight_decay=config.train.weight_decay)
-    data = [{k: torch.from_numpy(np.asarray(v)) for k, v in batches.batch_at(i).items()} for i in range(4)]
+    data = [{k: torch.from_numpy(np.asarray(v)).to(device) for k, v in batches.batch_at(i).items()}
+            for i in range(4)]
     for i in range(3):
-        loss = torch_step(model, optimizer, data[i % 4], config.train.grad_clip)
+        loss = torch_step(model, optimizer, data[i % 4], config.train.grad_clip, autocast)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for i in range(steps):
-        loss = torch_step(model, optimizer, data[i % 4], config.train.grad_clip)
+        loss = torch_step(model, optimizer, data[i % 4], config.train.grad_clip, autocast)
+    float(loss)  # waits for the device
     seconds = (time.perf_counter() - start) / steps
     return seconds, sum(p.numel() for p in model.parameters()), float(loss)
 
@@ -120,7 +128,7 @@ def sharding_child():
 def main(_):
     if SHARDING_CHILD.value:
         return sharding_child()
-    config = get_config()
+    config = get_config() if MODEL.value == "default" else paper_config()
     config.model.dtype = DTYPE.value
     if BATCH.value:
         config.train.batch_size = BATCH.value
