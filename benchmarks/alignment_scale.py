@@ -1,8 +1,8 @@
 """Speed and memory of ``precision_matrix`` (M spaces, all pairs) against references, then how far it scales.
 
-    python benchmarks/alignment_scale.py                                   # this machine, default sizes
-    python benchmarks/alignment_scale.py --sizes=10000 --dims=384 --repeats=2
-    python benchmarks/alignment_scale.py --sizes=20000 --dims=4096 --max_n=1000000 --device_summary  # a GPU
+    python -m benchmarks.alignment_scale                                   # this machine, default sizes
+    python -m benchmarks.alignment_scale --sizes=10000 --dims=384 --repeats=2
+    python -m benchmarks.alignment_scale --sizes=20000 --dims=4096 --max_n=1000000 --device_summary  # a GPU
 
 For every N and D, with M random spaces, in one run:
 - ours: ``lvaa_jax.alignment.precision_matrix`` (neighbours once per space, blockwise, then all pairs);
@@ -28,7 +28,6 @@ so setup adds at most one space (N D 4 bytes) to the peak. On a GPU: the peak de
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -37,6 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from absl import app, flags
 
 ROOT = Path(__file__).resolve().parents[1]
 PEAK_FP32_TFLOPS = {  # dense float32 (no tensor cores: the kernel asks for full float32 precision)
@@ -192,7 +192,7 @@ _IMPLS = {  # name: (setup returning (numpy -> native array, inputs live in host
 def measure(spec: dict, timeout: float) -> dict | None:
     """``_measure`` in a fresh process (its own peak memory); None when it failed or ran out of time."""
     try:
-        done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
+        done = subprocess.run([sys.executable, "-m", "benchmarks.alignment_scale", "--child", json.dumps(spec)], capture_output=True,
                               text=True, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
         print(f"  {spec['impl']}: over {timeout:.0f} s, skipped", flush=True)
@@ -235,7 +235,7 @@ HEADER = (f"{'N':>7} {'D':>5} | {'ours':>7} {'warm':>7} {'mem':>9} | {'floor':>7
           f"{'torch':>8} {'x':>6} {'mem':>10} | {'numpy':>7} {'x':>5} {'mem':>10} | {'d numpy':>8} {'d torch':>8}")
 
 
-def compare(n: int, d: int, args: argparse.Namespace, refs: list[str], peak: float | None) -> float | None:
+def compare(n: int, d: int, args: flags.FlagValues, refs: list[str], peak: float | None) -> float | None:
     """One row of the comparison (M spaces of N x D); returns the floor's matmul FLOP/s."""
     pairs = args.spaces * (args.spaces - 1) // 2
     spec = {"n": n, "d": d, "m": args.spaces, "k": args.k, "ref_pairs": args.ref_pairs}
@@ -273,7 +273,7 @@ def compare(n: int, d: int, args: argparse.Namespace, refs: list[str], peak: flo
     return flops / floor["seconds"]
 
 
-def scaling(args: argparse.Namespace, floor_rate: float | None, peak: float | None) -> None:
+def scaling(args: flags.FlagValues, floor_rate: float | None, peak: float | None) -> None:
     """The blockwise search alone on one space, N doubling from --min_n to --max_n."""
     d = args.scale_dim
     print(f"\nBlockwise kNN alone, one space, D = {d}, k = {args.k}")
@@ -290,24 +290,25 @@ def scaling(args: argparse.Namespace, floor_rate: float | None, peak: float | No
               f"{of_floor:>8} {of_peak:>7}", flush=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="2000,10000,20000", help="N values of the comparison ('': none)")
-    parser.add_argument("--dims", default="384,4096", help="D values of the comparison")
-    parser.add_argument("--spaces", type=int, default=8, help="M, spaces compared pairwise")
-    parser.add_argument("--k", type=int, default=15)
-    parser.add_argument("--ref_pairs", type=int, default=3, help="pairs the torch reference runs (0: all)")
-    parser.add_argument("--refs", default="torch,numpy", help="references to run (comma-separated, or none)")
-    parser.add_argument("--repeats", type=int, default=1, help="repeat the whole comparison (noisy machines)")
-    parser.add_argument("--warm_max_n", type=int, default=10000, help="time ours compiled up to this N too")
-    parser.add_argument("--min_n", type=int, default=100000, help="first N of the scaling run (then doubled)")
-    parser.add_argument("--max_n", type=int, default=200000, help="largest N of the scaling run (0: none)")
-    parser.add_argument("--scale_dim", type=int, default=384, help="D of the scaling run")
-    parser.add_argument("--peak_tflops", type=float, default=0, help="GPU peak fp32 TFLOP/s (default: known)")
-    parser.add_argument("--device_summary", action="store_true", help="print the devices and their peak")
-    parser.add_argument("--timeout_s", type=float, default=3600, help="per measurement")
-    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one measurement as JSON
-    args = parser.parse_args()
+flags.DEFINE_string("sizes", "2000,10000,20000", "N values of the comparison ('': none).")
+flags.DEFINE_string("dims", "384,4096", "D values of the comparison.")
+flags.DEFINE_integer("spaces", 8, "M, spaces compared pairwise.")
+flags.DEFINE_integer("k", 15, "Neighbours per instruction.")
+flags.DEFINE_integer("ref_pairs", 3, "Pairs the torch reference runs (0: all).")
+flags.DEFINE_string("refs", "torch,numpy", "References to run (comma-separated, or none).")
+flags.DEFINE_integer("repeats", 1, "Repeat the whole comparison (noisy machines).")
+flags.DEFINE_integer("warm_max_n", 10000, "Time ours compiled up to this N too.")
+flags.DEFINE_integer("min_n", 100000, "First N of the scaling run (then doubled).")
+flags.DEFINE_integer("max_n", 200000, "Largest N of the scaling run (0: none).")
+flags.DEFINE_integer("scale_dim", 384, "D of the scaling run.")
+flags.DEFINE_float("peak_tflops", 0, "GPU peak fp32 TFLOP/s (default: known).")
+flags.DEFINE_bool("device_summary", False, "Print the devices and their peak.")
+flags.DEFINE_float("timeout_s", 3600, "Seconds per measurement.")
+flags.DEFINE_string("child", None, "Internal: one measurement, as JSON.")
+
+
+def main(_) -> None:
+    args = flags.FLAGS
     if args.child:
         print(json.dumps(_measure(json.loads(args.child))))
         return
@@ -332,4 +333,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -1,7 +1,7 @@
 """Instructions per second of every offline model space, and its load time cold vs cached.
 
-    python benchmarks/embed_throughput.py                 # this machine's CPU
-    python benchmarks/embed_throughput.py --device=cuda   # a GPU
+    python -m benchmarks.embed_throughput                 # this machine's CPU
+    python -m benchmarks.embed_throughput --device=cuda   # a GPU
 
 Throughput is measured over ~550 BabyAI-like instructions for a sweep of batch sizes, each timing the
 best of a few runs (other work on the machine only slows a run down). The references, in the same run:
@@ -14,7 +14,6 @@ never touched.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import subprocess
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from absl import app, flags
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -47,7 +47,6 @@ def babyai_instructions() -> list[str]:
 
 
 def offline_panel() -> dict:
-    sys.path.insert(0, str(ROOT))
     from configs.default import model_panel
 
     return {name: spec.to_dict() for name, spec in model_panel("offline").items()}
@@ -56,8 +55,8 @@ def offline_panel() -> dict:
 def load_seconds(name: str, cache: str) -> float:
     """One model's load time in a fresh process whose user cache is ``cache``."""
     env = dict(os.environ, XDG_CACHE_HOME=cache)
-    out = subprocess.run([sys.executable, __file__, "--load-only", name], env=env, check=True,
-                         capture_output=True, text=True)
+    command = [sys.executable, "-m", "benchmarks.embed_throughput", "--load_only", name]
+    out = subprocess.run(command, env=env, cwd=ROOT, check=True, capture_output=True, text=True)
     return float(out.stdout.split()[-1])
 
 
@@ -90,18 +89,17 @@ def sentence_transformers_reference(hf, model, instructions: list[str], batch_si
     return seconds, float(1 - (ours * theirs).sum(1).min())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--batch-sizes", default="1,8,32,128")
-    parser.add_argument("--models", default="", help="comma-separated names from the offline panel; default all")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (0: torch's default); 1 avoids thread-sync stalls on a busy machine")
-    parser.add_argument("--repeats", type=int, default=3, help="each timing is the best of this many runs")
-    parser.add_argument("--skip-load", action="store_true", help="skip the cold/cached load timings")
-    parser.add_argument("--load-only", default="", help=argparse.SUPPRESS)  # internal: one timed load
-    args = parser.parse_args()
+flags.DEFINE_string("device", "auto", "auto | cpu | cuda")
+flags.DEFINE_list("batch_sizes", ["1", "8", "32", "128"], "Batch sizes to sweep.")
+flags.DEFINE_list("models", [], "Names from the offline panel (default: all).")
+flags.DEFINE_integer("threads", 0, "torch CPU threads (0: torch's default); 1 avoids thread-sync stalls on a busy machine.")
+flags.DEFINE_integer("repeats", 3, "Each timing is the best of this many runs.")
+flags.DEFINE_bool("skip_load", False, "Skip the cold/cached load timings.")
+flags.DEFINE_string("load_only", "", "Internal: one timed load of this model.")
 
+
+def main(_) -> None:
+    args = flags.FLAGS
     from lvaa_jax.embeddings import hf
 
     panel = offline_panel()
@@ -115,8 +113,8 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = args.models.split(",") if args.models else list(panel)
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    names = args.models or list(panel)
+    batch_sizes = [int(b) for b in args.batch_sizes]
     instructions = babyai_instructions()
     print(f"{len(instructions)} instructions, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"device {args.device}")
@@ -148,4 +146,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)
