@@ -23,6 +23,19 @@ def define_config_flags(default_config: str = "configs/default.py") -> tuple[fla
     return config, workdir
 
 
+def define_distributed_flag() -> flags.FlagHolder:
+    """Defines ``--distributed``: multi-host runs call ``jax.distributed.initialize()`` before anything else."""
+    return flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
+
+
+def initialize_distributed(distributed_flag: flags.FlagHolder) -> None:
+    """Joins the multi-host cluster when ``--distributed`` is set (before any other JAX call)."""
+    if distributed_flag.value:
+        import jax
+
+        jax.distributed.initialize()
+
+
 def resolve(config_flag: flags.FlagHolder, workdir_flag: flags.FlagHolder) -> tuple[ml_collections.ConfigDict, Path]:
     """The loaded config and the run folder; a config that failed to load becomes a one-line error."""
     config = config_flag.value

@@ -1,22 +1,17 @@
 """The whole study: demos, agent, embeddings, alignment report. Re-running skips finished stages.
 
-    python scripts/run_pipeline.py                              # default study, CPU, ~20 minutes
+    python scripts/run_pipeline.py                              # default study, CPU, ~13 minutes
     python scripts/run_pipeline.py --config=configs/paper.py    # paper scale, GPU/TPU host
 """
-
-from absl import flags
 
 from lvaa_jax import cli
 
 CONFIG, WORKDIR = cli.define_config_flags()
-DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
+DISTRIBUTED = cli.define_distributed_flag()
 
 
 def main(argv):
-    import jax
-
-    if DISTRIBUTED.value:
-        jax.distributed.initialize()
+    cli.initialize_distributed(DISTRIBUTED)
     from lvaa_jax.pipeline import headline, run_pipeline
 
     config, workdir = cli.resolve(CONFIG, WORKDIR)

@@ -3,19 +3,14 @@
     python scripts/train.py --config=configs/default.py --workdir=runs/default
 """
 
-from absl import flags
-
 from lvaa_jax import cli
 
 CONFIG, WORKDIR = cli.define_config_flags()
-DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
+DISTRIBUTED = cli.define_distributed_flag()
 
 
 def main(argv):
-    import jax
-
-    if DISTRIBUTED.value:
-        jax.distributed.initialize()
+    cli.initialize_distributed(DISTRIBUTED)
     from lvaa_jax.agent import train_and_evaluate
 
     config, workdir = cli.resolve(CONFIG, WORKDIR)

@@ -2,22 +2,19 @@
 
 import csv
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+from script_runs import run_script, user_error
 
 from lvaa_jax.embeddings.table import save_table
 
-ROOT = Path(__file__).resolve().parents[1]
 N = 40
 
 
 def run_align(*flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "scripts/align.py", "--config=configs/default.py:tiny", *flags],
-                          cwd=ROOT, capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    return run_script("align.py", "--config=configs/default.py:tiny", *flags)
 
 
 def write_tables(folder: Path, instructions_b=None) -> None:
@@ -56,12 +53,7 @@ def test_align_script_writes_every_output(tmp_path):
 def test_align_script_bad_input_is_one_line_error(tmp_path):
     write_tables(tmp_path, instructions_b=[f"go to the box {i}" for i in reversed(range(N))])
     result = run_align(f"--embeddings={tmp_path}", f"--out={tmp_path / 'out'}")
-    assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: minilm: same instructions as agent in a different order")
-    assert "Traceback" not in result.stderr
+    assert user_error(result).startswith("error: minilm: same instructions as agent in a different order")
 
     result = run_align(f"--embeddings={tmp_path / 'missing'}", f"--out={tmp_path / 'out'}")
-    assert result.returncode == 2
-    missing = tmp_path / "missing"
-    assert result.stderr.strip().splitlines()[-1] == f"error: {missing}: no such folder of embedding tables"
+    assert user_error(result) == f"error: {tmp_path / 'missing'}: no such folder of embedding tables"

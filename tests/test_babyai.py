@@ -1,13 +1,12 @@
 """Stage 1: demo generation, format, loader checks, tokenizer and the window batch iterator."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import chex
 import numpy as np
 import pytest
+from script_runs import run_script, user_error
 
 from configs.default import get_config
 from lvaa_jax.babyai import Tokenizer, WindowBatches, load_demos, make_demos, make_env
@@ -176,11 +175,6 @@ def test_replayed_episodes_reach_the_goal(demos):
 
 
 def test_script_reports_bad_level_on_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "scripts/make_demos.py", "--config=configs/default.py:tiny", f"--workdir={tmp_path}",
-         "--config.data.levels=('BabyAI-Nope-v0',)"],
-        capture_output=True, text=True, cwd=Path(__file__).parents[1],
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: config.data.levels: unknown BabyAI level")
-    assert "Traceback" not in result.stderr
+    result = run_script("make_demos.py", "--config=configs/default.py:tiny", f"--workdir={tmp_path}",
+                        "--config.data.levels=('BabyAI-Nope-v0',)")
+    assert user_error(result).startswith("error: config.data.levels: unknown BabyAI level")

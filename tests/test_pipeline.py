@@ -2,13 +2,12 @@
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import ml_collections
 import numpy as np
 import pytest
+from script_runs import run_script, user_error
 
 from configs.default import get_config
 from lvaa_jax.embeddings import embed_instructions, load_table
@@ -110,12 +109,6 @@ def test_bad_embedding_settings_are_one_line_errors(study, tmp_path):
 
 
 def test_script_reports_a_config_typo_on_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "scripts/run_pipeline.py", "--config=configs/default.py:tiny", f"--workdir={tmp_path}",
-         "--config.train.stpes=3"],
-        capture_output=True, text=True, cwd=Path(__file__).parents[1],
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == (
-        "error: bad flag: 'stpes' Did you mean \"steps\" instead of \"stpes\"?"
-    )
+    result = run_script("run_pipeline.py", "--config=configs/default.py:tiny", f"--workdir={tmp_path}",
+                        "--config.train.stpes=3")
+    assert user_error(result) == "error: bad flag: 'stpes' Did you mean \"steps\" instead of \"stpes\"?"

@@ -119,16 +119,21 @@ class InstructionEncoder(nn.Module):
 
 
 class FiLM(nn.Module):
-    """Feature-wise modulation of every cell by the instruction, then a residual per-cell MLP."""
+    """Feature-wise modulation of every cell by the instruction, then a residual per-cell MLP.
+
+    ``cells`` [B, cells, C] (the cells of all steps of a window in one axis), ``z`` [B, D]. The MLP runs on a
+    2-D [B * cells, C] view: XLA:CPU then computes its weight gradients without transposing copies (~10%
+    of the training step, measured).
+    """
 
     dtype: jnp.dtype
 
     @nn.compact
     def __call__(self, cells: jax.Array, z: jax.Array) -> jax.Array:
         width = cells.shape[-1]
-        scale, shift = jnp.split(nn.Dense(2 * width, dtype=self.dtype)(z), 2, axis=-1)
-        h = nn.LayerNorm(dtype=self.dtype)(cells) * (1 + scale[..., None, :]) + shift[..., None, :]
-        return cells + MLP(width, 2 * width, self.dtype)(nn.gelu(h))
+        scale, shift = jnp.split(nn.Dense(2 * width, dtype=self.dtype)(z)[:, None, :], 2, axis=-1)
+        h = nn.gelu(nn.LayerNorm(dtype=self.dtype)(cells) * (1 + scale) + shift)
+        return cells + MLP(width, 2 * width, self.dtype)(h.reshape(-1, width)).reshape(cells.shape)
 
 
 class ObservationEncoder(nn.Module):
@@ -148,9 +153,11 @@ class ObservationEncoder(nn.Module):
             + Embed(len(STATE_TO_IDX), cell_width, self.dtype, name="state")(image[..., 2])
             + self.param("cell", nn.initializers.normal(1.0), (GRID * GRID, cell_width)).astype(self.dtype)
         )
-        zt = z[:, None, :]  # broadcast over steps
+        batch, steps = cells.shape[:2]
+        cells = cells.reshape(batch, steps * GRID * GRID, cell_width)
         for i in range(2):
-            cells = FiLM(self.dtype, name=f"film{i}")(cells, zt)
+            cells = FiLM(self.dtype, name=f"film{i}")(cells, z)
+        cells = cells.reshape(batch, steps, GRID * GRID, cell_width)
         query = nn.Dense(cell_width, dtype=self.dtype, name="query")(z)[:, None, None, :]
         query = jnp.broadcast_to(query, (*cells.shape[:2], 1, cell_width))
         read = nn.MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype, name="readout")(query, cells)
