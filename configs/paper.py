@@ -1,4 +1,4 @@
-"""Paper-scale study: many more demos, a larger agent, the paper's model panel, bf16 on GPU/TPU.
+"""Paper-scale study: more levels and demos, a larger agent, the paper's model panel, bf16 on GPU/TPU.
 
     python scripts/run_pipeline.py --config=configs/paper.py --workdir=runs/paper
 
@@ -17,11 +17,17 @@ def _default_module():
     return module
 
 
+# Each instruction family widened by a second single-room level (the bot solves all of them; episodes of
+# 5-35 steps): doors as goals, "pick up a ball" / "a red object", doors by location, a larger room.
+MORE_LEVELS = ("BabyAI-GoToDoor-v0", "BabyAI-PickupDist-v0", "BabyAI-OpenDoorLoc-v0", "BabyAI-PutNextS6N3-v0")
+
+
 def get_config(variant: str = ""):
     default = _default_module()
     c = default.get_config()
     c.name = "paper"
 
+    c.data.levels = default.DEFAULT_LEVELS + MORE_LEVELS
     c.data.episodes_per_level = 25000
     c.data.episodes_per_shard = 2500
     c.data.num_workers = 16
