@@ -69,12 +69,10 @@ def time_jax(config, dataset, batches, steps):
         for i in range(count):
             state, metrics = step(state, data[i % 4])
         jax.block_until_ready(metrics)
-        return metrics
 
-    metrics = run(3)
+    run(3)  # warm-up
     seconds = best_seconds_per_step(run, steps)
-    params = sum(x.size for x in jax.tree.leaves(state.params))
-    return seconds, flops, params, float(metrics["loss"])
+    return seconds, flops, sum(x.size for x in jax.tree.leaves(state.params))
 
 
 def time_torch(config, dataset, batches, steps):
@@ -95,11 +93,9 @@ def time_torch(config, dataset, batches, steps):
         for i in range(count):
             loss = torch_step(model, optimizer, data[i % 4], config.train.grad_clip, autocast)
         float(loss)  # waits for the device
-        return loss
 
-    loss = run(3)
-    seconds = best_seconds_per_step(run, steps)
-    return seconds, sum(p.numel() for p in model.parameters()), float(loss)
+    run(3)  # warm-up
+    return best_seconds_per_step(run, steps), sum(p.numel() for p in model.parameters())
 
 
 def matmul_rate(dtype) -> float:
@@ -149,13 +145,13 @@ def main(_):
     backend = jax.default_backend()
     with tempfile.TemporaryDirectory() as workdir:
         dataset, batches = demo_batches(config, workdir)
-        jax_s, flops, jax_params, jax_loss = time_jax(config, dataset, batches, STEPS.value)
+        jax_s, flops, jax_params = time_jax(config, dataset, batches, STEPS.value)
         b = config.train.batch_size
         print(f"device: {jax.devices()[0].device_kind} ({backend}), batch {b} windows x {config.model.context} steps")
         print(f"{'':24s} {'params':>9s} {'ms/step':>8s} {'samples/s':>10s} {'ratio':>6s}")
         rows = [("JAX jitted step", jax_params, jax_s)]
         if TORCH.value:
-            torch_s, torch_params, _ = time_torch(config, dataset, batches, STEPS.value)
+            torch_s, torch_params = time_torch(config, dataset, batches, STEPS.value)
             rows.insert(0, ("PyTorch eager (ref)", torch_params, torch_s))
         reference = rows[0][2]
         for name, params, seconds in rows:
