@@ -76,11 +76,11 @@ def test_small_config_overfits_a_few_episodes(run):
     state = create_state(model, config, mesh)
     step = make_train_step(model, mesh, config.seed)
     batch = shard_batch(WindowBatches(dataset, 8, model.context, seed=0).batch_at(0), mesh)
-    first = None
+    losses = []
     for _ in range(150):
         state, metrics = step(state, batch)
-        first = first or float(metrics["loss"])
-    assert float(metrics["loss"]) < 0.1 * first
+        losses.append(float(metrics["loss"]))  # waits: 8 CPU devices deadlock with many steps queued
+    assert losses[-1] < 0.1 * losses[0]
     assert float(metrics["accuracy"]) > 0.95
 
 

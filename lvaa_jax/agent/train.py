@@ -154,6 +154,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, p
         with tqdm(total=train.steps, initial=start, desc="train", unit="step", disable=not progress) as bar:
             for step in range(start + 1, train.steps + 1):
                 state, metrics = train_step(state, shard_batch(next(batches), mesh))
+                if pending:
+                    # At most two steps in flight: XLA:CPU's in-process collectives (several CPU devices)
+                    # deadlock when many runs of one sharded program are queued; an accelerator still
+                    # always has the next step waiting.
+                    jax.block_until_ready(pending[-1])
                 pending.append(metrics)
                 if step % train.log_every == 0 or step == train.steps:
                     means = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
