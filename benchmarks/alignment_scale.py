@@ -192,8 +192,8 @@ _IMPLS = {  # name: (setup returning (numpy -> native array, inputs live in host
 def measure(spec: dict, timeout: float) -> dict | None:
     """``_measure`` in a fresh process (its own peak memory); None when it failed or ran out of time."""
     try:
-        done = subprocess.run([sys.executable, "-m", "benchmarks.alignment_scale", "--child", json.dumps(spec)], capture_output=True,
-                              text=True, timeout=timeout, cwd=ROOT)
+        command = [sys.executable, "-m", "benchmarks.alignment_scale", "--child", json.dumps(spec)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
         print(f"  {spec['impl']}: over {timeout:.0f} s, skipped", flush=True)
         return None

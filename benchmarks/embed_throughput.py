@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
+from benchmarks.timing import best_seconds
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -58,16 +60,6 @@ def load_seconds(name: str, cache: str) -> float:
     command = [sys.executable, "-m", "benchmarks.embed_throughput", "--load_only", name]
     out = subprocess.run(command, env=env, cwd=ROOT, check=True, capture_output=True, text=True)
     return float(out.stdout.split()[-1])
-
-
-def best_seconds(run, repeats: int) -> float:
-    """The fastest of ``repeats`` runs: other work on the machine only ever slows a run down."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def sentence_transformers_reference(hf, model, instructions: list[str], batch_sizes: list[int], repeats: int):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from benchmarks.timing import best_seconds
 from configs.default import get_config
 from configs.paper import get_config as paper_config
 from lvaa_jax.agent.train import build_agent, create_state, make_mesh, make_train_step, shard_batch
@@ -44,17 +45,6 @@ def demo_batches(config, workdir):
     return dataset, WindowBatches(dataset, config.train.batch_size, config.model.context, seed=0)
 
 
-def best_seconds_per_step(run, steps: int) -> float:
-    """Seconds per step of the fastest of ROUNDS runs of ``steps`` steps: other work on a shared machine only
-    ever slows a run down, so the minimum is the stable figure."""
-    times = []
-    for _ in range(ROUNDS.value):
-        start = time.perf_counter()
-        run(steps)
-        times.append((time.perf_counter() - start) / steps)
-    return min(times)
-
-
 def time_jax(config, dataset, batches, steps):
     model = build_agent(config, dataset)
     mesh = make_mesh()
@@ -71,7 +61,7 @@ def time_jax(config, dataset, batches, steps):
         jax.block_until_ready(metrics)
 
     run(3)  # warm-up
-    seconds = best_seconds_per_step(run, steps)
+    seconds = best_seconds(lambda: run(steps), ROUNDS.value) / steps
     return seconds, flops, sum(x.size for x in jax.tree.leaves(state.params))
 
 
@@ -95,7 +85,7 @@ def time_torch(config, dataset, batches, steps):
         float(loss)  # waits for the device
 
     run(3)  # warm-up
-    return best_seconds_per_step(run, steps), sum(p.numel() for p in model.parameters())
+    return best_seconds(lambda: run(steps), ROUNDS.value) / steps, sum(p.numel() for p in model.parameters())
 
 
 def matmul_rate(dtype) -> float:
