@@ -7,8 +7,8 @@ permutation null, the bootstrap and the k sweep read the same ``[N, K]`` arrays.
 Ties. Identical instruction vectors are common here (bag-of-words spaces, input-embedding layers), and
 float summation order would then decide their order. Similarities are therefore rounded to multiples of
 1e-6 before top-k (float32 noise is ~1e-7, so copies tie again), and equal values go to the lower index
-(``lax.top_k``'s documented tie rule): identical rows get the same neighbours whatever the device, block
-size or backend, unless float noise straddles a rounding boundary (odds of about noise / 1e-6 per tie).
+(``lax.top_k``'s documented tie rule within a tile, a two-key sort where tiles' lists merge): identical rows
+get the same neighbours whatever the device, block size or backend, unless float noise straddles a rounding boundary (odds of about noise / 1e-6 per tie).
 The order is total, so the top-k' for any k' < K is the first k' columns of the top-K: the whole k sweep
 needs one neighbour search.
 """
@@ -32,22 +32,21 @@ AXIS = "data"
 
 
 def default_block_size(n: int, num_devices: int, platform: str) -> int:
-    """Query rows per block: the [block, N] float32 similarity tile stays within a per-device budget.
+    """Side of the square similarity tiles: ``block`` x ``block`` float32 per step.
 
-    On CPU ~500 rows already run the blockwise search as fast as one full x @ x.T (measured on 2 cores,
-    N = 10 000 and 40 000); accelerators want large tiles for their matmul units and have the memory for
-    them. The block then splits one device's rows into equal blocks (a multiple of 8), so padding stays small.
+    Large enough for the matmul units to run at full rate (on 2 CPU cores 1024 x 1024 tiles run the search
+    below at the rate of one full x @ x.T over half the pairs; accelerators want larger tiles), and small
+    enough that there are blocks to share out: at least 2 per device, so that the block pairs, which are
+    what devices split, number at least ~2 per device. A multiple of 8, splitting N into equal blocks.
     """
-    budget, cap = (1 << 28, 512) if platform == "cpu" else (1 << 31, 8192)
-    largest = min(cap, max(64, budget // (4 * n)))
-    per_device = -(-n // num_devices)
-    blocks = -(-per_device // largest)
-    return -(-per_device // (8 * blocks)) * 8
+    cap = 1024 if platform == "cpu" else 8192
+    blocks = max(-(-n // cap), min(2 * num_devices, -(-n // 8)))
+    return -(-n // (8 * blocks)) * 8
 
 
 @functools.cache
 def data_mesh(devices: tuple[jax.Device, ...]) -> Mesh:
-    """A one-axis mesh (``data``) over ``devices``: rows of the neighbour search are split along it."""
+    """A one-axis mesh (``data``) over ``devices``: the block pairs of the neighbour search are split along it."""
     return Mesh(np.asarray(devices), (AXIS,))
 
 
@@ -56,9 +55,9 @@ def knn_indices(x, k: int, *, block_size: int | None = None, devices: Sequence[j
     """int32[N, k]: the k nearest neighbours of every row of ``x`` [N, D] by cosine similarity.
 
     The row itself is excluded; neighbours are sorted by decreasing quantised similarity, ties to the lower
-    index. Computed blockwise (``block_size`` query rows at a time, default from N and the device), so peak
-    memory is N * (block + k) per device besides x itself, and rows are split over ``devices`` (default: all).
-    ``name`` labels the space in error messages.
+    index. Computed on ``block_size`` x ``block_size`` tiles of the similarity matrix (default from N and
+    the device), so peak memory is N * k + block^2 per device besides x itself, and the tiles are split over
+    ``devices`` (default: all). ``name`` labels the space in error messages.
     """
     x = check_space(x, name)
     n = x.shape[0]
@@ -71,34 +70,81 @@ def knn_indices(x, k: int, *, block_size: int | None = None, devices: Sequence[j
     return _knn(x, k=k, block=int(block_size), mesh=data_mesh(devices))
 
 
+def _best(values: jax.Array, ids: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The k best (quantised similarity, column id) of each row of [R, C] candidates in any order: higher
+    similarity first, then the lower id."""
+    negated, ids = lax.sort((-values, ids), dimension=1, num_keys=2)
+    return -negated[:, :k], ids[:, :k]
+
+
+def _merge_later(best: tuple[jax.Array, jax.Array], offered: tuple[jax.Array, jax.Array], k: int):
+    """``_best`` of two lists that are each in that order already, where every id offered is above every id
+    in ``best`` (so ``best`` wins ties): each entry's place in the merged list is its place in its own list
+    plus the number of entries of the other list that go before it. Elementwise on [R, k, k], which fuses;
+    a sort per row costs several times more on CPU (measured)."""
+    (best_values, best_ids), (offered_values, offered_ids) = best, offered
+    best_place = jnp.arange(best_values.shape[1]) + (offered_values[:, None, :] > best_values[:, :, None]).sum(-1)
+    offered_place = jnp.arange(offered_values.shape[1]) + (best_values[:, None, :] >= offered_values[:, :, None]).sum(-1)
+    slots = jnp.arange(k)
+
+    def placed(place, values, ids):
+        at = place[:, :, None] == slots  # [R, entries, k]: entry -> slot
+        return jnp.where(at, values[:, :, None], -jnp.inf).max(1), jnp.where(at, ids[:, :, None], 0).sum(1)
+
+    (v1, i1), (v2, i2) = placed(best_place, best_values, best_ids), placed(offered_place, offered_values, offered_ids)
+    return jnp.maximum(v1, v2), i1 + i2
+
+
 @functools.partial(jax.jit, static_argnames=("k", "block", "mesh"))
 def _knn(x: jax.Array, *, k: int, block: int, mesh: Mesh) -> jax.Array:
-    # Queries are padded to a whole number of blocks on every device; padded rows match no column (their
-    # global ids are >= N), and their results are cut off. Keys stay unpadded and replicated.
+    # The similarity matrix is symmetric, so only its tiles (a, b) with a <= b are computed: each tile offers
+    # its rows' neighbours to block a and, transposed, its columns' neighbours to block b: half the matmul
+    # FLOPs of a row-by-row search. Devices take equal shares of the tiles, keep a running top-k of every
+    # row, and their lists are merged at the end. Tiles run in row-major order, so each block is offered
+    # candidates in increasing column order (blocks c < b from tiles (c, b), then b, b + 1, ... from tiles
+    # (b, ·)) and a device merges lists cheaply (``_merge_later``). Rows are padded to a whole number of blocks; padded rows
+    # and columns, the diagonal and the filler tiles that even out the shares are -inf, which never enters
+    # a final list (every row has N - 1 >= k finite candidates).
     n, d = x.shape
-    x = unit_rows(x)
-    rows_per_step = block * mesh.size
-    queries = jnp.pad(x, ((0, -(-n // rows_per_step) * rows_per_step - n), (0, 0)))
-    columns = jnp.arange(n)
+    blocks = -(-n // block)
+    rows = jnp.pad(unit_rows(x), ((0, blocks * block - n), (0, 0)))
+    first, second = np.triu_indices(blocks)
+    filler = -len(first) % mesh.size
+    tiles = np.stack([np.pad(first, (0, filler)), np.pad(second, (0, filler)),
+                      np.arange(len(first) + filler) < len(first)], axis=1).astype(np.int32)
+    local = jnp.arange(block)
 
-    def device_rows(local: jax.Array, keys: jax.Array) -> jax.Array:
-        first = lax.axis_index(AXIS) * local.shape[0]
+    def device_tiles(rows: jax.Array, tiles: jax.Array) -> tuple[jax.Array, jax.Array]:
+        def offer(best, target, values, ids):
+            start = target * block
+            current = tuple(lax.dynamic_slice_in_dim(b, start, block) for b in best)
+            top_values, top = lax.top_k(values, min(k, block))  # a tile row may be shorter than k
+            merged = _merge_later(current, (top_values, ids[top]), k)
+            return tuple(lax.dynamic_update_slice_in_dim(b, m, start, 0) for b, m in zip(best, merged))
 
-        def one_block(args: tuple[jax.Array, jax.Array]) -> jax.Array:
-            q, start = args
-            sims = jnp.dot(q, keys.T, precision=lax.Precision.HIGHEST)
+        def one_tile(best, tile):
+            a, b, real = tile[0], tile[1], tile[2] == 1
+            row_ids, col_ids = a * block + local, b * block + local
+            sims = jnp.dot(lax.dynamic_slice_in_dim(rows, a * block, block),
+                           lax.dynamic_slice_in_dim(rows, b * block, block).T, precision=lax.Precision.HIGHEST)
             quantised = jnp.round(sims * QUANTA_PER_UNIT)  # integers, exact in float32: |sims| <= 1
-            rows = start + jnp.arange(block)
-            quantised = jnp.where(columns[None, :] == rows[:, None], -jnp.inf, quantised)
-            return lax.top_k(quantised, k)[1]
+            valid = real & (row_ids[:, None] < n) & (col_ids[None, :] < n) & (row_ids[:, None] != col_ids[None, :])
+            quantised = jnp.where(valid, quantised, -jnp.inf)
+            best = offer(best, a, quantised, col_ids)
+            return offer(best, b, jnp.where(a == b, -jnp.inf, quantised.T), row_ids), None
 
-        blocks = local.reshape(-1, block, d)
-        starts = first + block * jnp.arange(blocks.shape[0])
-        return lax.map(one_block, (blocks, starts)).reshape(-1, k)
+        empty = (jnp.full((rows.shape[0], k), -jnp.inf), jnp.zeros((rows.shape[0], k), jnp.int32))
+        empty = lax.pcast(empty, (AXIS,), to="varying")  # each device's lists are its own
+        best, _ = lax.scan(one_tile, empty, tiles)
+        return best[0][None], best[1][None]
 
     spec = PartitionSpec(AXIS)
-    search = jax.shard_map(device_rows, mesh=mesh, in_specs=(spec, PartitionSpec()), out_specs=spec)
-    return search(queries, x)[:n]
+    search = jax.shard_map(device_tiles, mesh=mesh, in_specs=(PartitionSpec(), spec), out_specs=(spec, spec))
+    values, ids = search(rows, jnp.asarray(tiles))
+    if mesh.size > 1:
+        values, ids = (jnp.moveaxis(a, 0, 1).reshape(a.shape[1], -1) for a in (values, ids))
+        return _best(values, ids, k)[1][:n]
+    return ids[0, :n]
 
 
 def _intersections(ia: jax.Array, ib: jax.Array) -> jax.Array:
