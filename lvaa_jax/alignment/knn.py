@@ -131,7 +131,8 @@ def _knn(x: jax.Array, *, k: int, block: int, mesh: Mesh) -> jax.Array:
             valid = real & (row_ids[:, None] < n) & (col_ids[None, :] < n) & (row_ids[:, None] != col_ids[None, :])
             quantised = jnp.where(valid, quantised, -jnp.inf)
             best = offer(best, a, quantised, col_ids)
-            return offer(best, b, jnp.where(a == b, -jnp.inf, quantised.T), row_ids), None
+            transposed = lambda best: offer(best, b, quantised.T, row_ids)  # noqa: E731
+            return lax.cond(a == b, lambda best: best, transposed, best), None  # a diagonal tile: done
 
         empty = (jnp.full((rows.shape[0], k), -jnp.inf), jnp.zeros((rows.shape[0], k), jnp.int32))
         empty = lax.pcast(empty, (AXIS,), to="varying")  # each device's lists are its own
