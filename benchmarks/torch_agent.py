@@ -29,14 +29,28 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class FiLM(nn.Module):
-    def __init__(self, width: int, condition: int):
-        super().__init__()
-        self.film, self.norm, self.mlp = nn.Linear(condition, 2 * width), nn.LayerNorm(width), MLP(width, 2 * width)
+class ObservationEncoder(nn.Module):
+    """Embedded cells, FiLM by z, then multi-head attention pooling with the query folded into the keys."""
 
-    def forward(self, cells, z):
-        scale, shift = self.film(z)[:, :, None].chunk(2, dim=-1)
-        return cells + self.mlp(F.gelu(self.norm(cells) * (1 + scale) + shift, approximate="tanh"))
+    def __init__(self, width: int, cell_width: int, heads: int):
+        super().__init__()
+        self.cell_width, self.heads = cell_width, heads
+        self.object, self.colour, self.state = nn.Embedding(11, cell_width), nn.Embedding(6, cell_width), nn.Embedding(3, cell_width)
+        self.cell = nn.Parameter(torch.randn(GRID_CELLS, cell_width))
+        self.film, self.norm = nn.Linear(width, 2 * cell_width), nn.LayerNorm(cell_width, elementwise_affine=False)
+        self.query = nn.Linear(width, cell_width * heads)
+        self.readout = nn.Linear(cell_width * heads, width)
+        self.direction = nn.Embedding(4, width)
+
+    def forward(self, image, direction, z):
+        image = image.long().flatten(2, 3)  # [B, T, 49, 3]
+        cells = self.object(image[..., 0]) + self.colour(image[..., 1]) + self.state(image[..., 2]) + self.cell
+        scale, shift = self.film(z)[:, None, None].chunk(2, dim=-1)
+        cells = F.gelu(self.norm(cells) * (1 + scale) + shift, approximate="tanh")
+        keys = self.query(z).view(-1, self.cell_width, self.heads)
+        weights = torch.einsum("btnc,bch->btnh", cells, keys).div(self.cell_width**0.5).softmax(dim=2)
+        read = torch.einsum("btnh,btnc->bthc", weights, cells).flatten(2)
+        return self.readout(read) + self.direction(direction.long())
 
 
 class TorchAgent(nn.Module):
@@ -47,13 +61,7 @@ class TorchAgent(nn.Module):
         self.positions = nn.Parameter(torch.randn(max_length, d))
         self.instruction = nn.ModuleList(Block(d, heads, config.mlp_ratio) for _ in range(config.instruction_layers))
         self.instruction_norm = nn.LayerNorm(d)
-        self.object, self.colour, self.state = nn.Embedding(11, c), nn.Embedding(6, c), nn.Embedding(3, c)
-        self.cell = nn.Parameter(torch.randn(GRID_CELLS, c))
-        self.films = nn.ModuleList(FiLM(c, d) for _ in range(2))
-        self.query = nn.Linear(d, c)
-        self.readout = nn.MultiheadAttention(c, heads, batch_first=True)
-        self.step = nn.Linear(c, d)
-        self.direction = nn.Embedding(4, d)
+        self.observation = ObservationEncoder(d, c, heads)
         self.step_position = nn.Parameter(torch.randn(config.context, d))
         self.memory = nn.ModuleList(Block(d, heads, config.mlp_ratio) for _ in range(config.memory_layers))
         self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, 7)
@@ -67,16 +75,9 @@ class TorchAgent(nn.Module):
 
     def forward(self, batch):
         z = self.embed_instruction(batch["tokens"].long(), batch["token_mask"])
-        image = batch["image"].long().flatten(2, 3)  # [B, T, 49, 3]
-        b, t = image.shape[:2]
-        cells = self.object(image[..., 0]) + self.colour(image[..., 1]) + self.state(image[..., 2]) + self.cell
-        zt = z[:, None].expand(b, t, -1)
-        for film in self.films:
-            cells = film(cells, zt)
-        cells = cells.reshape(b * t, GRID_CELLS, -1)
-        query = self.query(zt).reshape(b * t, 1, -1)
-        read = self.readout(query, cells, cells, need_weights=False)[0].reshape(b, t, -1)
-        x = self.step(read) + self.direction(batch["direction"].long()) + self.step_position[:t] + z[:, None]
+        steps = self.observation(batch["image"], batch["direction"], z)
+        x = steps + self.step_position[: steps.shape[1]] + z[:, None]
+        t = x.shape[1]
         causal = torch.triu(torch.ones(t, t, dtype=torch.bool, device=x.device), diagonal=1)
         for block in self.memory:
             x = block(x, causal=causal)

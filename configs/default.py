@@ -52,7 +52,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # activations; bfloat16 for GPU/TPU (params stay float32)
 
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 2000
+    c.train.steps = 3000
     c.train.batch_size = 64  # windows per step, split over all devices
     c.train.learning_rate = 1e-3
     c.train.warmup_steps = 200

@@ -1,6 +1,6 @@
 """The whole study: demos, agent, embeddings, alignment report. Re-running skips finished stages.
 
-    python scripts/run_pipeline.py                              # default study, CPU, ~10 minutes
+    python scripts/run_pipeline.py                              # default study, CPU, ~8 minutes
     python scripts/run_pipeline.py --config=configs/paper.py    # paper scale, GPU/TPU host
 """
 

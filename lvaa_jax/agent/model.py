@@ -5,9 +5,10 @@ Three pathways, in the order data flows:
 1. Instruction: word + position embeddings -> transformer encoder -> pooled vector ``z``. It sees no
    observation, so ``z`` is a property of the instruction alone: the action-grounded embedding the study
    compares with language models.
-2. Observation, per step: each of the 7x7 cells embeds (object, colour, state, cell position); two FiLM
-   blocks modulate the cells by ``z`` (what to look for), and attention pooling with a query made from
-   ``z`` reads them out into one vector, to which the agent's direction is added.
+2. Observation, per step: each of the 7x7 cells embeds (object, colour, state, cell position); FiLM by ``z``
+   (scale and shift, then GELU) decides what each cell means for this instruction, and multi-head attention
+   pooling with a query made from ``z`` reads the cells out into one vector, to which the agent's direction
+   is added.
 3. Memory: a causal transformer over the steps of a window (BabyAI is partially observable: the agent
    must remember objects it turned away from), with ``z`` added to every step; a linear head gives the
    7 action logits.
@@ -118,25 +119,17 @@ class InstructionEncoder(nn.Module):
         return jnp.stack(pooled)
 
 
-class FiLM(nn.Module):
-    """Feature-wise modulation of every cell by the instruction, then a residual per-cell MLP.
+class ObservationEncoder(nn.Module):
+    """Cells modulated by the instruction, then read out by attention pooling under the instruction.
 
-    ``cells`` [B, cells, C] (the cells of all steps of a window in one axis), ``z`` [B, D]. The MLP runs on a
-    2-D [B * cells, C] view: XLA:CPU then computes its weight gradients without transposing copies (~10%
-    of the training step, measured).
+    Every cell of every step passes through this pathway (64 windows x 16 steps x 49 cells = 50k cells per
+    default batch), so it has no per-cell matmul: cells are sums of small embeddings, FiLM by ``z`` is
+    elementwise, and the pooling is multi-head attention with a single query (made from ``z``) written
+    with the query folded into the keys (a linear map of ``z``) and the value and output projections
+    folded into one Dense after pooling: it can express what ``nn.MultiHeadDotProductAttention`` with one
+    query does, at the cost of a [cells, heads] score map instead of per-cell key and value projections.
     """
 
-    dtype: jnp.dtype
-
-    @nn.compact
-    def __call__(self, cells: jax.Array, z: jax.Array) -> jax.Array:
-        width = cells.shape[-1]
-        scale, shift = jnp.split(nn.Dense(2 * width, dtype=self.dtype)(z)[:, None, :], 2, axis=-1)
-        h = nn.gelu(nn.LayerNorm(dtype=self.dtype)(cells) * (1 + scale) + shift)
-        return cells + MLP(width, 2 * width, self.dtype)(h.reshape(-1, width)).reshape(cells.shape)
-
-
-class ObservationEncoder(nn.Module):
     width: int
     cell_width: int
     num_heads: int
@@ -145,7 +138,7 @@ class ObservationEncoder(nn.Module):
     @nn.compact
     def __call__(self, image: jax.Array, direction: jax.Array, z: jax.Array) -> jax.Array:
         """image uint8 [B, T, 7, 7, 3], direction [B, T], z [B, D] -> step vectors [B, T, D]."""
-        cell_width = self.cell_width
+        cell_width, heads = self.cell_width, self.num_heads
         image = image.astype(jnp.int32).reshape(*image.shape[:2], GRID * GRID, 3)
         cells = (
             Embed(len(OBJECT_TO_IDX), cell_width, self.dtype, name="object")(image[..., 0])
@@ -153,15 +146,14 @@ class ObservationEncoder(nn.Module):
             + Embed(len(STATE_TO_IDX), cell_width, self.dtype, name="state")(image[..., 2])
             + self.param("cell", nn.initializers.normal(1.0), (GRID * GRID, cell_width)).astype(self.dtype)
         )
-        batch, steps = cells.shape[:2]
-        cells = cells.reshape(batch, steps * GRID * GRID, cell_width)
-        for i in range(2):
-            cells = FiLM(self.dtype, name=f"film{i}")(cells, z)
-        cells = cells.reshape(batch, steps, GRID * GRID, cell_width)
-        query = nn.Dense(cell_width, dtype=self.dtype, name="query")(z)[:, None, None, :]
-        query = jnp.broadcast_to(query, (*cells.shape[:2], 1, cell_width))
-        read = nn.MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype, name="readout")(query, cells)
-        step = nn.Dense(self.width, dtype=self.dtype)(read[..., 0, :])
+        scale, shift = jnp.split(nn.Dense(2 * cell_width, dtype=self.dtype, name="film")(z), 2, axis=-1)
+        normed = nn.LayerNorm(use_scale=False, use_bias=False, dtype=self.dtype)(cells)  # FiLM scales and shifts
+        cells = nn.gelu(normed * (1 + scale[:, None, None]) + shift[:, None, None])
+        keys = nn.Dense(cell_width * heads, dtype=self.dtype, name="query")(z).reshape(-1, cell_width, heads)
+        scores = jnp.einsum("btnc,bch->btnh", cells, keys) / jnp.sqrt(cell_width).astype(self.dtype)
+        weights = jax.nn.softmax(scores.astype(jnp.float32), axis=2).astype(self.dtype)
+        read = jnp.einsum("btnh,btnc->bthc", weights, cells).reshape(*cells.shape[:2], heads * cell_width)
+        step = nn.Dense(self.width, dtype=self.dtype, name="readout")(read)
         return step + Embed(4, self.width, self.dtype, name="direction")(direction)
 
 
