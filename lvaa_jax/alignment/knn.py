@@ -31,17 +31,22 @@ QUANTA_PER_UNIT = 1_000_000  # similarities are rounded to multiples of 1e-6
 AXIS = "data"
 
 
-def default_block_size(n: int, num_devices: int, platform: str) -> int:
+def default_block_size(n: int, d: int, num_devices: int, platform: str) -> int:
     """Side of the square similarity tiles: ``block`` x ``block`` float32 per step.
 
-    On CPU the tile's top-k (single-threaded, dearer per element on short rows) costs more than its matmul
-    at small D, so tiles are large: on 2 cores, N = 10 000, ~2 000-row tiles ran 1.3x faster than 1 000-row
-    ones at D = 384 and as fast at D = 4 096 (larger tiles waste more of the diagonal tiles). Accelerators
-    want large tiles for their matmul units. There are at least 2 blocks per device, so the tiles, which
-    devices share out, number at least ~2 per device. A multiple of 8, splitting N into equal blocks.
+    The diagonal tiles are computed whole (a waste of about block / N of the matmul), and on CPU a tile's
+    top-k runs on one thread and costs more per element on short rows, so the best tile depends on D.
+    Measured on 2 cores: at D = 384, where the top-k costs more than the matmul, tiles of N / 5 rows
+    ran fastest up to 8 000 (N = 10 000 and 40 000); at D = 4 096, ~2 000 (N = 10 000 and 20 000).
+    Accelerators want large tiles for their matmul units. With several devices there are at least 2
+    blocks per device, so the tiles, which devices share out, number at least ~2 per device. A multiple
+    of 8, splitting N into equal blocks.
     """
-    cap = 2048 if platform == "cpu" else 8192
-    blocks = max(-(-n // cap), min(2 * num_devices, -(-n // 8)))
+    if platform == "cpu":
+        block = min(8192 if d < 1024 else 2048, max(1024, -(-n // 5)))
+    else:
+        block = 8192
+    blocks = max(-(-n // block), min(2 * num_devices, -(-n // 8)) if num_devices > 1 else 1)
     return -(-n // (8 * blocks)) * 8
 
 
@@ -65,7 +70,7 @@ def knn_indices(x, k: int, *, block_size: int | None = None, devices: Sequence[j
     k = check_k(k, n)
     devices = tuple(jax.devices() if devices is None else devices)
     if block_size is None:
-        block_size = default_block_size(n, len(devices), devices[0].platform)
+        block_size = default_block_size(n, x.shape[1], len(devices), devices[0].platform)
     elif isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
         raise LvaaError(f"block_size={block_size!r}: must be a positive integer")
     return _knn(x, k=k, block=int(block_size), mesh=data_mesh(devices))
