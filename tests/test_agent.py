@@ -143,6 +143,16 @@ def test_checkpoint_of_another_config_is_refused(run, tmp_path):
         train_and_evaluate(other, tmp_path, progress=False)
 
 
+def test_checkpoint_of_another_code_version_is_refused(run, tmp_path, monkeypatch):
+    _, workdir, _, _ = run
+    for name in ("demos", "checkpoints"):
+        (tmp_path / name).symlink_to(workdir / name)
+    built = Agent.from_config  # the same config, but a model with another parameter tree
+    monkeypatch.setattr(Agent, "from_config", lambda *args: built(*args).clone(memory_layers=2))
+    with pytest.raises(LvaaError, match="checkpoint at step 20 does not fit this model"):
+        restore_agent(tmp_path)
+
+
 def test_workdir_without_demos_is_refused(tmp_path):
     with pytest.raises(LvaaError, match="no demo dataset"):
         train_and_evaluate(tiny_config(), tmp_path, progress=False)

@@ -77,12 +77,7 @@ class Checkpoints:
         step = self.manager.latest_step()
         if step is None:
             return state
-        target = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _saved_part(state)
-        )
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
-        )
+        restored = restore(self.manager, step, state, with_data=True)
         batches.restore(restored["data"])
         log.info("resumed from the checkpoint at step %d", step)
         return state.replace(**restored["state"])
@@ -102,3 +97,18 @@ class Checkpoints:
 
 def _saved_part(state: TrainState) -> dict:
     return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+
+
+def restore(manager: ocp.CheckpointManager, step: int, state: TrainState, with_data: bool) -> dict:
+    """The checkpoint at ``step`` laid out like ``state`` (shapes, dtypes, shardings): {"state": ...} and,
+    ``with_data``, the data iterator's position under "data". A checkpoint whose parameters do not fit the
+    model (written by another version of the code) is a one-line error."""
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _saved_part(state))
+    items = {"state": ocp.args.StandardRestore(target)} | ({"data": ocp.args.JsonRestore()} if with_data else {})
+    try:
+        return manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, TypeError) as error:
+        raise LvaaError(
+            f"{manager.directory}: the checkpoint at step {step} does not fit this model (saved by another version "
+            f"of lvaa_jax?): {str(error).splitlines()[0][:200].rstrip(':')}; use another --workdir or delete its checkpoints"
+        ) from None

@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lvaa_jax.agent.checkpoint import saved_config
+from lvaa_jax.agent.checkpoint import restore, saved_config
 from lvaa_jax.agent.model import Agent, instruction_embedding
 from lvaa_jax.agent.train import create_state, make_mesh
 from lvaa_jax.babyai import Tokenizer, load_demos
@@ -47,9 +47,5 @@ def restore_agent(workdir: str | Path, step: int | None = None, trained: bool = 
         step = manager.latest_step() if step is None else step
         if step is None or step not in manager.all_steps():
             raise LvaaError(f"{directory}: no checkpoint{'' if step is None else f' at step {step}'}; train first")
-        target = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-            {"step": state.step, "params": state.params, "opt_state": state.opt_state},
-        )
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        restored = restore(manager, step, state, with_data=False)
     return RestoredAgent(model, restored["state"]["params"], dataset.tokenizer, config, int(step))
