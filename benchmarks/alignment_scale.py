@@ -5,7 +5,8 @@
     python -m benchmarks.alignment_scale --sizes=20000 --dims=4096 --max_n=1000000 --device_summary  # a GPU
 
 For every N and D, with M random spaces, in one run:
-- ours: ``lvaa_jax.alignment.precision_matrix`` (neighbours once per space, blockwise, then all pairs);
+- ours: ``lvaa_jax.alignment.precision_matrix`` (neighbours once per space from the tiles of half of
+  x x^T, then all pairs);
 - floor: the bare similarity matmuls, x @ x.T once per space (jitted, same precision, no top-k);
 - torch: what common public code does (the Platonic Representation Hypothesis ``mutual_knn``, with topk in
   place of its full argsort): per pair, both full N x N cosine matrices, top-k, N x N masks;
@@ -15,9 +16,10 @@ The last two columns are the largest difference of any precision@k from ours: ag
 (it is 1 / (N k), one neighbour, where float noise straddles a rounding boundary); torch does not round, so
 near-ties within float noise may go either way.
 All pairs do identical work, so ``--ref_pairs=P`` times the torch reference on P pairs and scales to all of
-them (marked "~"). Then the blockwise search alone (one space, ``knn_indices``) from N = ``--min_n``
+them (marked "~"). Then the tiled search alone (one space, ``knn_indices``) from N = ``--min_n``
 (100 000), doubling, up to ``--max_n``, with its throughput as a fraction of the matmul floor's (and of the
-GPU's fp32 peak, on a GPU).
+GPU's fp32 peak, on a GPU). Throughputs count the full x x^T (2 N^2 D FLOPs): the search computes half
+of it, so it can run above the floor.
 
 Each measurement runs in a fresh process. Memory on CPU: the process's peak RSS (VmHWM) minus its RSS once
 its framework is imported, minus the inputs' bytes. XLA's buffers count (tracemalloc would miss them), and so
@@ -274,9 +276,9 @@ def compare(n: int, d: int, args: flags.FlagValues, refs: list[str], peak: float
 
 
 def scaling(args: flags.FlagValues, floor_rate: float | None, peak: float | None) -> None:
-    """The blockwise search alone on one space, N doubling from --min_n to --max_n."""
+    """The tiled search alone on one space, N doubling from --min_n to --max_n."""
     d = args.scale_dim
-    print(f"\nBlockwise kNN alone, one space, D = {d}, k = {args.k}")
+    print(f"\nTiled kNN alone, one space, D = {d}, k = {args.k}; GFLOP/s of the full x x^T")
     print(f"{'N':>9} | {'seconds':>8} {'mem':>10} {'mem/N':>9} | {'GFLOP/s':>8} {'of floor':>8} {'of peak':>7}")
     sizes = [args.min_n * 2**i for i in range(64) if args.min_n * 2**i < args.max_n] + [args.max_n]
     for n in sizes:

@@ -130,7 +130,7 @@ def test_duplicate_rows_get_identical_neighbours_except_each_other():
 
 
 @pytest.mark.parametrize("block", [1, 7, 13, N])
-def test_blockwise_and_sharded_equal_single_device(block):
+def test_tile_sizes_and_sharding_equal_single_device(block):
     x = sign_patterns(2)
     single = np.asarray(knn_indices(x, 11, block_size=N, devices=jax.devices()[:1]))
     assert len(jax.devices()) == 8

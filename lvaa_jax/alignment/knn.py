@@ -126,7 +126,7 @@ def _knn(x: jax.Array, *, k: int, block: int, mesh: Mesh) -> jax.Array:
             current = tuple(lax.dynamic_slice_in_dim(b, start, block) for b in best)
             top_values, top = lax.top_k(values, min(k, block))  # a tile row may be shorter than k
             merged = _merge_later(current, (top_values, ids[top]), k)
-            return tuple(lax.dynamic_update_slice_in_dim(b, m, start, 0) for b, m in zip(best, merged))
+            return tuple(lax.dynamic_update_slice_in_dim(b, m, start, 0) for b, m in zip(best, merged, strict=True))
 
         def one_tile(best, tile):
             a, b, real = tile[0], tile[1], tile[2] == 1
