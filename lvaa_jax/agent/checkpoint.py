@@ -109,6 +109,7 @@ def restore(manager: ocp.CheckpointManager, step: int, state: TrainState, with_d
         return manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError) as error:
         raise LvaaError(
-            f"{manager.directory}: the checkpoint at step {step} does not fit this model (saved by another version "
-            f"of lvaa_jax?): {str(error).splitlines()[0][:200].rstrip(':')}; use another --workdir or delete its checkpoints"
+            f"{manager.directory}: the checkpoint at step {step} does not fit this model (saved by another "
+            f"version of lvaa_jax?): {str(error).splitlines()[0][:200].rstrip(':')}; "
+            "use another --workdir or delete its checkpoints"
         ) from None

@@ -7,10 +7,10 @@ permutation null, the bootstrap and the k sweep read the same ``[N, K]`` arrays.
 Ties. Identical instruction vectors are common here (bag-of-words spaces, input-embedding layers), and
 float summation order would then decide their order. Similarities are therefore rounded to multiples of
 1e-6 before top-k (float32 noise is ~1e-7, so copies tie again), and equal values go to the lower index
-(``lax.top_k``'s documented tie rule within a tile, a two-key sort where tiles' lists merge): identical rows
-get the same neighbours whatever the device, block size or backend, unless float noise straddles a rounding boundary (odds of about noise / 1e-6 per tie).
-The order is total, so the top-k' for any k' < K is the first k' columns of the top-K: the whole k sweep
-needs one neighbour search.
+(``lax.top_k``'s documented tie rule within a tile, and the same rule wherever lists merge): identical rows
+get the same neighbours whatever the device, tile size or backend, unless float noise straddles a rounding
+boundary (odds of about noise / 1e-6 per tie). The order is total, so the top-k' for any k' < K is the
+first k' columns of the top-K: the whole k sweep needs one neighbour search.
 """
 
 from __future__ import annotations
@@ -90,7 +90,8 @@ def _merge_later(best: tuple[jax.Array, jax.Array], offered: tuple[jax.Array, ja
     a sort per row costs several times more on CPU (measured)."""
     (best_values, best_ids), (offered_values, offered_ids) = best, offered
     best_place = jnp.arange(best_values.shape[1]) + (offered_values[:, None, :] > best_values[:, :, None]).sum(-1)
-    offered_place = jnp.arange(offered_values.shape[1]) + (best_values[:, None, :] >= offered_values[:, :, None]).sum(-1)
+    offered_place = (jnp.arange(offered_values.shape[1])
+                     + (best_values[:, None, :] >= offered_values[:, :, None]).sum(-1))
     slots = jnp.arange(k)
 
     def placed(place, values, ids):
@@ -108,10 +109,10 @@ def _knn(x: jax.Array, *, k: int, block: int, mesh: Mesh) -> jax.Array:
     # FLOPs of a row-by-row search. Devices take equal shares of the tiles, keep a running top-k of every
     # row, and their lists are merged at the end. Tiles run in row-major order, so each block is offered
     # candidates in increasing column order (blocks c < b from tiles (c, b), then b, b + 1, ... from tiles
-    # (b, ·)) and a device merges lists cheaply (``_merge_later``). Rows are padded to a whole number of blocks; padded rows
-    # and columns, the diagonal and the filler tiles that even out the shares are -inf, which never enters
-    # a final list (every row has N - 1 >= k finite candidates).
-    n, d = x.shape
+    # (b, .)) and a device merges lists cheaply (``_merge_later``). Rows are padded to a whole number of
+    # blocks; padded rows and columns, the diagonal and the filler tiles that even out the shares are -inf,
+    # which never enters a final list (every row has N - 1 >= k finite candidates).
+    n = x.shape[0]
     blocks = -(-n // block)
     rows = jnp.pad(unit_rows(x), ((0, blocks * block - n), (0, 0)))
     first, second = np.triu_indices(blocks)
@@ -137,8 +138,11 @@ def _knn(x: jax.Array, *, k: int, block: int, mesh: Mesh) -> jax.Array:
             valid = real & (row_ids[:, None] < n) & (col_ids[None, :] < n) & (row_ids[:, None] != col_ids[None, :])
             quantised = jnp.where(valid, quantised, -jnp.inf)
             best = offer(best, a, quantised, col_ids)
-            transposed = lambda best: offer(best, b, quantised.T, row_ids)  # noqa: E731
-            return lax.cond(a == b, lambda best: best, transposed, best), None  # a diagonal tile: done
+
+            def offer_columns(best):
+                return offer(best, b, quantised.T, row_ids)
+
+            return lax.cond(a == b, lambda best: best, offer_columns, best), None  # a diagonal tile: done
 
         empty = (jnp.full((rows.shape[0], k), -jnp.inf), jnp.zeros((rows.shape[0], k), jnp.int32))
         empty = lax.pcast(empty, (AXIS,), to="varying")  # each device's lists are its own
