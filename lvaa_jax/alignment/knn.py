@@ -52,7 +52,7 @@ def default_block_size(n: int, d: int, num_devices: int, platform: str) -> int:
 
 @functools.cache
 def data_mesh(devices: tuple[jax.Device, ...]) -> Mesh:
-    """A one-axis mesh (``data``) over ``devices``: the block pairs of the neighbour search are split along it."""
+    """A one-axis mesh (``data``) over ``devices``: the tiles of the neighbour search are shared out along it."""
     return Mesh(np.asarray(devices), (AXIS,))
 
 
