@@ -14,7 +14,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 from configs.default import get_config
 from lvaa_jax.agent import Agent, evaluate, instruction_embedding, make_mesh, make_train_step, restore_agent
 from lvaa_jax.agent.evaluate import _observe_and_act
-from lvaa_jax.agent.train import build_agent, create_state, init_params, shard_batch, train_and_evaluate
+from lvaa_jax.agent.train import (
+    build_agent,
+    create_state,
+    init_params,
+    make_optimizer,
+    shard_batch,
+    train_and_evaluate,
+)
 from lvaa_jax.babyai import WindowBatches, make_demos
 from lvaa_jax.errors import LvaaError
 
@@ -163,6 +170,17 @@ def test_batch_must_split_over_devices(run, tmp_path):
     (tmp_path / "demos").symlink_to(workdir / "demos")
     with pytest.raises(LvaaError, match="multiple of the 8 devices"):
         train_and_evaluate(tiny_config(batch_size=12), tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("steps", [1, 5, 6, 40])
+def test_schedule_of_runs_shorter_than_their_warmup(steps):
+    train = tiny_config(steps=steps, warmup_steps=5, learning_rate=1e-3).train
+    tx = make_optimizer(train)
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    for _ in range(steps):
+        updates, state = tx.update({"w": jnp.ones(3)}, state, params)
+        assert np.isfinite(np.asarray(updates["w"])).all()
 
 
 def test_outputs_of_a_run(run):

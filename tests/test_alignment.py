@@ -139,6 +139,13 @@ def test_tile_sizes_and_sharding_equal_single_device(block):
                                   single)
 
 
+@pytest.mark.skipif(jax.default_backend() == "cpu", reason="accelerator tiles; run with JAX_PLATFORMS=cuda")
+def test_default_tiles_on_an_accelerator_match_reference():
+    """Accelerators take 8192-row tiles: 9000 rows make a ragged second block and a padded last tile."""
+    x = sign_patterns(3, n=9000)
+    np.testing.assert_array_equal(np.asarray(knn_indices(x, 15)), reference_knn(x, 15))
+
+
 # ----------------------------------------------------------------------------------------------- precision
 def test_precision_matches_reference_and_matrix():
     a, b, c = with_duplicates(gaussian(0)), sign_patterns(1), gaussian(3, d=40)

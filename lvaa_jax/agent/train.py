@@ -36,8 +36,14 @@ def make_mesh(devices: list | None = None) -> Mesh:
 
 
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW after global-norm clipping; linear warmup, then cosine decay to 5% by the last step.
+
+    A run shorter than its warmup (``--config.train.steps=500`` on the paper config) warms up over all
+    but its last step.
+    """
+    warmup = min(train.warmup_steps, max(train.steps - 1, 0))
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, train.learning_rate, min(train.warmup_steps, train.steps), max(train.steps, 1), train.learning_rate * 0.05
+        0.0, train.learning_rate, warmup, max(train.steps, warmup + 1), train.learning_rate * 0.05
     )
     return optax.chain(
         optax.clip_by_global_norm(train.grad_clip),

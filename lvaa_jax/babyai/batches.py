@@ -41,6 +41,7 @@ class WindowBatches(Iterator[Batch]):
             )
         self.tokens, self.token_mask = dataset.tokenizer.encode_batch(dataset.missions, dataset.max_instruction_length)
         self.position = position
+        self._epoch_order = (-1, np.empty(0, np.int64))  # (epoch, its window order): drawn once per epoch
 
     def state(self) -> dict[str, int]:
         return {"position": self.position}
@@ -56,8 +57,9 @@ class WindowBatches(Iterator[Batch]):
     def batch_at(self, position: int) -> Batch:
         """The batch served at ``position``: a pure function of (dataset, seed, position)."""
         epoch, index = divmod(position, self.batches_per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.window_episode))
-        windows = order[index * self.batch_size : (index + 1) * self.batch_size]
+        if self._epoch_order[0] != epoch:
+            self._epoch_order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.window_episode)))
+        windows = self._epoch_order[1][index * self.batch_size : (index + 1) * self.batch_size]
         return self.windows(self.window_episode[windows], self.window_offset[windows])
 
     def windows(self, episodes: np.ndarray, offsets: np.ndarray) -> Batch:
