@@ -50,7 +50,7 @@ log "waiting for the paper demos"
 wait $DEMOS || { log "demos failed"; tail -n 5 "$OUT/paper_demos.log" | tee -a "$OUT/session.log"; }
 tail -n 11 "$OUT/paper_demos.log" | quiet | tee -a "$OUT/session.log"
 
-HOST_MS=$($PY - "$PAPER" <<'EOF' 2>/dev/null
+read -r HOST_MS CONFIG_STEPS < <($PY - "$PAPER" <<'EOF' 2>/dev/null
 import sys, time
 from configs.paper import get_config
 from lvaa_jax.agent.train import make_mesh, shard_batch
@@ -60,13 +60,13 @@ batches, mesh = WindowBatches(load_demos(sys.argv[1] + "/demos"), c.train.batch_
 start = time.perf_counter()
 for _ in range(50):
     shard_batch(next(batches), mesh)
-print(f"{(time.perf_counter() - start) / 50 * 1e3:.2f}")
+print(f"{(time.perf_counter() - start) / 50 * 1e3:.2f} {c.train.steps}")
 EOF
 )
 STEPS=$($PY -c "
-s = min(30000, int(max($END - $SECONDS - $EVAL_RESERVE_S - 60, 0) / (1.15e-3 * max($STEP_MS, ${HOST_MS:-0}, 1e-3))))
-print(max(s // 100 * 100, 100))")
-log "paper training: device step ${STEP_MS} ms, host batch ${HOST_MS:-?} ms -> ${STEPS} steps (config: 30000)"
+s = min(${CONFIG_STEPS:-0}, int(max($END - $SECONDS - $EVAL_RESERVE_S - 60, 0) / (1.15e-3 * max($STEP_MS, ${HOST_MS:-0}, 1e-3))))
+print(max(s // 100 * 100 if s > 100 else s, 1))")
+log "paper training: device step ${STEP_MS} ms, host batch ${HOST_MS:-?} ms -> ${STEPS} steps (config: ${CONFIG_STEPS:-?})"
 $PY scripts/train.py --config=configs/paper.py --workdir="$PAPER" --config.train.steps="$STEPS" \
   --config.train.eval_every=0 $PAPER_FLAGS 2>&1 | quiet >"$OUT/paper_train.log"
 tail -n 10 "$OUT/paper_train.log" | tee -a "$OUT/session.log"
