@@ -44,7 +44,7 @@ class WindowBatches(Iterator[Batch]):
                 f"{batch_size}; make more demos or lower config.train.batch_size"
             )
         self.tokens, self.token_mask = dataset.tokenizer.encode_batch(dataset.missions, dataset.max_instruction_length)
-        self.steps = {name: np.concatenate([shard[name] for shard in dataset.steps]) for name in dataset.steps[0]}
+        self.steps = {name: np.concatenate([shard[name] for shard in dataset.steps]) for name in STEP_ARRAYS}
         shard_offset = np.cumsum([0] + [len(shard["action"]) for shard in dataset.steps])
         self.episode_start = shard_offset[dataset.shard] + dataset.start  # in self.steps
         self.position = position
