@@ -9,7 +9,7 @@
 #    Training runs the config's steps if the time left (BUDGET_S in all) holds them at the step time
 #    measured in 2 (or the host's batch time, if slower); else as many as fit, the cosine schedule over
 #    them, and session.log says so;
-# 4. with any time left, the alignment benchmark at N = 20 000 and the scaling run.
+# 4. with any time left, the alignment benchmark at N = 20 000 and the scaling run, warm (compiled) times too.
 # PAPER_FLAGS adds config overrides to stage 3 and THROUGHPUT_FLAGS flags to stage 2 (smoke runs on a CPU).
 set -u
 OUT=${OUT:-runs/gpu_session}
@@ -77,6 +77,6 @@ LEFT=$((END - SECONDS))
 if [ "$LEFT" -gt 60 ]; then
   log "alignment benchmark ($LEFT s left)"
   timeout "$LEFT" $PY -m benchmarks.alignment_scale --sizes=20000 --dims=384,4096 --refs=torch --ref_pairs=1 \
-    --max_n=400000 --device_summary 2>&1 | quiet >"$OUT/alignment.log"
+    --max_n=400000 --warm_max_n=400000 --device_summary 2>&1 | quiet >"$OUT/alignment.log"
 fi
 log "done"
