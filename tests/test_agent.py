@@ -3,6 +3,7 @@
 import json
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from configs.default import get_config
 from lvaa_jax.agent import Agent, evaluate, instruction_embedding, make_mesh, make_train_step, restore_agent
 from lvaa_jax.agent.evaluate import _observe_and_act
+from lvaa_jax.agent.model import LayerNorm
 from lvaa_jax.agent.train import (
     build_agent,
     create_state,
@@ -43,6 +45,22 @@ def run(tmp_path_factory):
     dataset = make_demos(config, workdir, progress=False)
     evaluation = train_and_evaluate(config, workdir, progress=False)
     return config, workdir, dataset, evaluation
+
+
+def test_layer_norm_with_its_own_backward_equals_flax():
+    x = 3 * jax.random.normal(jax.random.key(0), (4, 9, 32)) + 1
+    cotangent = jax.random.normal(jax.random.key(1), x.shape)
+    ours, theirs = LayerNorm(jnp.float32), nn.LayerNorm(dtype=jnp.float32)
+    params = theirs.init(jax.random.key(2), x)
+    params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(3), p.shape), params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(ours.init(jax.random.key(2), x), params)
+
+    def loss(module):
+        return lambda params, x: jnp.sum(module.apply(params, x) * cotangent)
+
+    chex.assert_trees_all_close(ours.apply(params, x), theirs.apply(params, x), atol=1e-5)
+    chex.assert_trees_all_close(jax.grad(loss(ours), argnums=(0, 1))(params, x),
+                                jax.grad(loss(theirs), argnums=(0, 1))(params, x), atol=1e-4)
 
 
 def test_shapes(run):

@@ -42,18 +42,53 @@ class MLP(nn.Module):
         return nn.Dense(self.width, dtype=self.dtype)(x)
 
 
-class Embed(nn.Module):
-    """A lookup table applied as one-hot @ table: identical values to ``nn.Embed``, but its gradient is a
-    matmul instead of a scatter-add, several times faster on CPU for the small vocabularies here."""
+def embedding(num_embeddings: int, features: int, dtype: jnp.dtype, name: str) -> nn.Embed:
+    """A lookup table initialised N(0, 1): a gather, whose gradient is a scatter-add. Together with
+    :func:`normalize` it makes the default step 1.21x faster on XLA:CPU than one-hot @ table did (the
+    one-hot matmuls' gradient needs the [cells, width] cotangent transposed; measured A/B, same run)."""
+    return nn.Embed(num_embeddings, features, dtype=dtype, embedding_init=nn.initializers.normal(1.0), name=name)
 
-    num_embeddings: int
-    features: int
+
+@jax.custom_vjp
+def normalize(x: jax.Array) -> jax.Array:
+    """Zero mean, unit variance over the last axis (statistics in float32, epsilon 1e-6, as
+    ``nn.LayerNorm``), with a hand-written backward pass: XLA:CPU runs the autodiff of the statistics as
+    separate reduction passes: 2.6x slower for the cell pathway's LayerNorm+FiLM+GELU (18 vs 7 ms
+    forward and backward on a default batch), 1.10x for the whole default step."""
+    return _normalize_forward(x)[0]
+
+
+def _normalize_forward(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    variance = jnp.maximum((x32 * x32).mean(-1, keepdims=True) - mean * mean, 0.0)
+    inverse_std = jax.lax.rsqrt(variance + 1e-6)
+    normed = (x32 - mean) * inverse_std
+    return normed.astype(x.dtype), (normed, inverse_std)
+
+
+def _normalize_backward(saved: tuple[jax.Array, jax.Array], grad: jax.Array) -> tuple[jax.Array]:
+    normed, inverse_std = saved
+    g = grad.astype(jnp.float32)
+    dx = inverse_std * (g - g.mean(-1, keepdims=True) - normed * (g * normed).mean(-1, keepdims=True))
+    return (dx.astype(grad.dtype),)
+
+
+normalize.defvjp(_normalize_forward, _normalize_backward)
+
+
+class LayerNorm(nn.Module):
+    """``nn.LayerNorm`` (same parameters, names and values) on :func:`normalize`."""
+
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, ids: jax.Array) -> jax.Array:
-        table = self.param("embedding", nn.initializers.normal(1.0), (self.num_embeddings, self.features))
-        return jax.nn.one_hot(ids, self.num_embeddings, dtype=self.dtype) @ table.astype(self.dtype)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = normalize(x.astype(self.dtype))
+        width = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (width,)).astype(self.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (width,)).astype(self.dtype)
+        return x * scale + bias
 
 
 class Block(nn.Module):
@@ -67,13 +102,13 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, train: bool) -> jax.Array:
         width = x.shape[-1]
-        h = nn.LayerNorm(dtype=self.dtype)(x)
+        h = LayerNorm(self.dtype)(x)
         h = nn.MultiHeadDotProductAttention(
             self.num_heads, dtype=self.dtype, dropout_rate=self.dropout, deterministic=not train,
             force_fp32_for_softmax=True,
         )(h, h, mask=mask)
         x = x + nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = MLP(width, width * self.mlp_ratio, self.dtype)(nn.LayerNorm(dtype=self.dtype)(x))
+        h = MLP(width, width * self.mlp_ratio, self.dtype)(LayerNorm(self.dtype)(x))
         return x + nn.Dropout(self.dropout, deterministic=not train)(h)
 
 
@@ -106,7 +141,7 @@ class InstructionEncoder(nn.Module):
 
         The last entry (after the final LayerNorm) is the vector ``z`` the policy uses.
         """
-        x = Embed(self.vocab_size, self.width, self.dtype, name="words")(tokens)
+        x = embedding(self.vocab_size, self.width, self.dtype, name="words")(tokens)
         positions = self.param("positions", nn.initializers.normal(1.0), (self.max_length, self.width))
         x = x + positions[: tokens.shape[-1]].astype(self.dtype)
         mask = nn.make_attention_mask(token_mask, token_mask)
@@ -115,7 +150,7 @@ class InstructionEncoder(nn.Module):
             x = Block(self.num_heads, self.mlp_ratio, self.dropout, self.dtype, name=f"block{i}")(x, mask, train)
             if i < self.num_layers - 1:
                 pooled.append(pool(x, token_mask, self.pooling))
-        pooled.append(pool(nn.LayerNorm(dtype=self.dtype, name="norm")(x), token_mask, self.pooling))
+        pooled.append(pool(LayerNorm(self.dtype, name="norm")(x), token_mask, self.pooling))
         return jnp.stack(pooled)
 
 
@@ -141,20 +176,20 @@ class ObservationEncoder(nn.Module):
         cell_width, heads = self.cell_width, self.num_heads
         image = image.astype(jnp.int32).reshape(*image.shape[:2], GRID * GRID, 3)
         cells = (
-            Embed(len(OBJECT_TO_IDX), cell_width, self.dtype, name="object")(image[..., 0])
-            + Embed(len(COLOR_TO_IDX), cell_width, self.dtype, name="colour")(image[..., 1])
-            + Embed(len(STATE_TO_IDX), cell_width, self.dtype, name="state")(image[..., 2])
+            embedding(len(OBJECT_TO_IDX), cell_width, self.dtype, name="object")(image[..., 0])
+            + embedding(len(COLOR_TO_IDX), cell_width, self.dtype, name="colour")(image[..., 1])
+            + embedding(len(STATE_TO_IDX), cell_width, self.dtype, name="state")(image[..., 2])
             + self.param("cell", nn.initializers.normal(1.0), (GRID * GRID, cell_width)).astype(self.dtype)
         )
         scale, shift = jnp.split(nn.Dense(2 * cell_width, dtype=self.dtype, name="film")(z), 2, axis=-1)
-        normed = nn.LayerNorm(use_scale=False, use_bias=False, dtype=self.dtype)(cells)  # FiLM scales and shifts
+        normed = normalize(cells)  # FiLM scales and shifts
         cells = nn.gelu(normed * (1 + scale[:, None, None]) + shift[:, None, None])
         keys = nn.Dense(cell_width * heads, dtype=self.dtype, name="query")(z).reshape(-1, cell_width, heads)
         scores = jnp.einsum("btnc,bch->btnh", cells, keys) / jnp.sqrt(cell_width).astype(self.dtype)
         weights = jax.nn.softmax(scores.astype(jnp.float32), axis=2).astype(self.dtype)
         read = jnp.einsum("btnh,btnc->bthc", weights, cells).reshape(*cells.shape[:2], heads * cell_width)
         step = nn.Dense(self.width, dtype=self.dtype, name="readout")(read)
-        return step + Embed(4, self.width, self.dtype, name="direction")(direction)
+        return step + embedding(4, self.width, self.dtype, name="direction")(direction)
 
 
 class Agent(nn.Module):
@@ -192,7 +227,7 @@ class Agent(nn.Module):
         self.memory = [
             Block(self.num_heads, self.mlp_ratio, self.dropout, self.dtype) for _ in range(self.memory_layers)
         ]
-        self.norm = nn.LayerNorm(dtype=self.dtype)
+        self.norm = LayerNorm(self.dtype)
         self.head = nn.Dense(NUM_ACTIONS, dtype=jnp.float32)
 
     def embed_instruction(self, tokens: jax.Array, token_mask: jax.Array, train: bool = False) -> jax.Array:
