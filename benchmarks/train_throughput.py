@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from benchmarks.timing import best_seconds
+from benchmarks.timing import interleaved_best_seconds
 from configs.default import get_config
 from configs.paper import get_config as paper_config
 from lvaa_jax.agent.train import build_agent, create_state, make_mesh, make_train_step, shard_batch
@@ -29,7 +29,7 @@ from lvaa_jax.babyai import WindowBatches, make_demos
 
 MODEL = flags.DEFINE_enum("model", "default", ["default", "paper"], "Model and batch of configs/<model>.py.")
 STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per round (after warm-up).")
-ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds per measurement; the fastest counts.")
+ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds per side, JAX and PyTorch alternating; the fastest counts.")
 BATCH = flags.DEFINE_integer("batch_size", 0, "Windows per step (0: the config's).")
 DTYPE = flags.DEFINE_string("dtype", "float32", "JAX activation dtype: float32 or bfloat16.")
 TORCH = flags.DEFINE_bool("torch", True, "Measure the PyTorch reference too.")
@@ -45,7 +45,8 @@ def demo_batches(config, workdir):
     return dataset, WindowBatches(dataset, config.train.batch_size, config.model.context, seed=0)
 
 
-def time_jax(config, dataset, batches, steps):
+def jax_runner(config, dataset, batches):
+    """run(count) for the jitted step, warmed up; its compiled FLOPs; its parameter count."""
     model = build_agent(config, dataset)
     mesh = make_mesh()
     state = create_state(model, config, mesh)
@@ -61,11 +62,11 @@ def time_jax(config, dataset, batches, steps):
         jax.block_until_ready(metrics)
 
     run(3)  # warm-up
-    seconds = best_seconds(lambda: run(steps), ROUNDS.value) / steps
-    return seconds, flops, sum(x.size for x in jax.tree.leaves(state.params))
+    return run, flops, sum(x.size for x in jax.tree.leaves(state.params))
 
 
-def time_torch(config, dataset, batches, steps):
+def torch_runner(config, dataset, batches):
+    """run(count) for the eager PyTorch step, warmed up; its parameter count."""
     import torch
 
     from benchmarks.torch_agent import TorchAgent, torch_step
@@ -85,7 +86,7 @@ def time_torch(config, dataset, batches, steps):
         float(loss)  # waits for the device
 
     run(3)  # warm-up
-    return best_seconds(lambda: run(steps), ROUNDS.value) / steps, sum(p.numel() for p in model.parameters())
+    return run, sum(p.numel() for p in model.parameters())
 
 
 def matmul_rate(dtype) -> float:
@@ -135,15 +136,18 @@ def main(_):
     backend = jax.default_backend()
     with tempfile.TemporaryDirectory() as workdir:
         dataset, batches = demo_batches(config, workdir)
-        jax_s, flops, jax_params = time_jax(config, dataset, batches, STEPS.value)
+        runs, params = {}, {}
+        if TORCH.value:
+            runs["PyTorch eager (ref)"], params["PyTorch eager (ref)"] = torch_runner(config, dataset, batches)
+        runs["JAX jitted step"], flops, params["JAX jitted step"] = jax_runner(config, dataset, batches)
+        steps = STEPS.value
+        seconds = interleaved_best_seconds({name: lambda run=run: run(steps) for name, run in runs.items()},
+                                           ROUNDS.value)
+        rows = [(name, params[name], seconds[name] / steps) for name in runs]
+        jax_s, reference = rows[-1][2], rows[0][2]
         b = config.train.batch_size
         print(f"device: {jax.devices()[0].device_kind} ({backend}), batch {b} windows x {config.model.context} steps")
         print(f"{'':24s} {'params':>9s} {'ms/step':>8s} {'samples/s':>10s} {'ratio':>6s}")
-        rows = [("JAX jitted step", jax_params, jax_s)]
-        if TORCH.value:
-            torch_s, torch_params = time_torch(config, dataset, batches, STEPS.value)
-            rows.insert(0, ("PyTorch eager (ref)", torch_params, torch_s))
-        reference = rows[0][2]
         for name, params, seconds in rows:
             print(f"{name:24s} {params:9d} {seconds * 1e3:8.1f} {b / seconds:10.1f} {reference / seconds:5.2f}x")
         print(f"compiled step: {flops / 1e9:.1f} GFLOP, {flops / jax_s / 1e12:.3f} TFLOP/s")
