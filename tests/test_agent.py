@@ -109,6 +109,25 @@ def test_small_config_overfits_a_few_episodes(run):
     assert float(metrics["accuracy"]) > 0.95
 
 
+def test_bfloat16_activations_train_float32_parameters(run):
+    """The GPU/TPU precision (configs/paper.py): bfloat16 through every pathway, hand-written LayerNorm
+    backward included, while the parameters and optimiser state stay float32."""
+    config, _, dataset, _ = run
+    config = tiny_config(steps=30, learning_rate=3e-3, warmup_steps=5)
+    config.model.dtype = "bfloat16"
+    model = build_agent(config, dataset)
+    mesh = make_mesh()
+    state = create_state(model, config, mesh)
+    step = make_train_step(model, mesh, config.seed)
+    batch = shard_batch(WindowBatches(dataset, 8, model.context, seed=0).batch_at(0), mesh)
+    losses = []
+    for _ in range(30):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+    assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0]
+
+
 def test_sharded_step_matches_single_device(run):
     """Same batches on 1 and on 8 devices give the same updates. Plain SGD, because Adam divides
     near-zero gradients by their own magnitude and so turns float rounding into visible differences."""
