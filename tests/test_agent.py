@@ -93,18 +93,23 @@ def test_instruction_embedding_depends_on_the_instruction_alone(run):
     assert "image" not in Agent.embed_instruction.__code__.co_varnames
 
 
-def test_small_config_overfits_a_few_episodes(run):
-    config, _, dataset, _ = run
-    config = tiny_config(steps=150, learning_rate=3e-3, warmup_steps=10)
+def train_on_one_batch(config, dataset):
+    """``config.train.steps`` steps on one batch of 8 windows: the final state, losses and metrics."""
     model = build_agent(config, dataset)
     mesh = make_mesh()
     state = create_state(model, config, mesh)
     step = make_train_step(model, mesh, config.seed)
     batch = shard_batch(WindowBatches(dataset, 8, model.context, seed=0).batch_at(0), mesh)
     losses = []
-    for _ in range(150):
+    for _ in range(config.train.steps):
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))  # waits: 8 CPU devices deadlock with many steps queued
+    return state, losses, metrics
+
+
+def test_small_config_overfits_a_few_episodes(run):
+    _, _, dataset, _ = run
+    _, losses, metrics = train_on_one_batch(tiny_config(steps=150, learning_rate=3e-3, warmup_steps=10), dataset)
     assert losses[-1] < 0.1 * losses[0]
     assert float(metrics["accuracy"]) > 0.95
 
@@ -112,18 +117,10 @@ def test_small_config_overfits_a_few_episodes(run):
 def test_bfloat16_activations_train_float32_parameters(run):
     """The GPU/TPU precision (configs/paper.py): bfloat16 through every pathway, hand-written LayerNorm
     backward included, while the parameters and optimiser state stay float32."""
-    config, _, dataset, _ = run
+    _, _, dataset, _ = run
     config = tiny_config(steps=30, learning_rate=3e-3, warmup_steps=5)
     config.model.dtype = "bfloat16"
-    model = build_agent(config, dataset)
-    mesh = make_mesh()
-    state = create_state(model, config, mesh)
-    step = make_train_step(model, mesh, config.seed)
-    batch = shard_batch(WindowBatches(dataset, 8, model.context, seed=0).batch_at(0), mesh)
-    losses = []
-    for _ in range(30):
-        state, metrics = step(state, batch)
-        losses.append(float(metrics["loss"]))
+    state, losses, _ = train_on_one_batch(config, dataset)
     assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
     assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0]
 
