@@ -6,12 +6,7 @@ from collections.abc import Callable
 
 def best_seconds(run: Callable[[], object], repeats: int) -> float:
     """The fastest of ``repeats`` runs: other work on the machine only ever slows a run down."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return interleaved_best_seconds({"run": run}, repeats)["run"]
 
 
 def interleaved_best_seconds(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:

@@ -136,20 +136,22 @@ def main(_):
     backend = jax.default_backend()
     with tempfile.TemporaryDirectory() as workdir:
         dataset, batches = demo_batches(config, workdir)
-        runs, params = {}, {}
+        contenders = {}  # name: (run(count), parameter count); the first is the reference
         if TORCH.value:
-            runs["PyTorch eager (ref)"], params["PyTorch eager (ref)"] = torch_runner(config, dataset, batches)
-        runs["JAX jitted step"], flops, params["JAX jitted step"] = jax_runner(config, dataset, batches)
+            contenders["PyTorch eager (ref)"] = torch_runner(config, dataset, batches)
+        run_jax, flops, jax_params = jax_runner(config, dataset, batches)
+        contenders["JAX jitted step"] = (run_jax, jax_params)
         steps = STEPS.value
-        seconds = interleaved_best_seconds({name: lambda run=run: run(steps) for name, run in runs.items()},
-                                           ROUNDS.value)
-        rows = [(name, params[name], seconds[name] / steps) for name in runs]
-        jax_s, reference = rows[-1][2], rows[0][2]
+        best = interleaved_best_seconds({name: lambda run=run: run(steps) for name, (run, _) in contenders.items()},
+                                        ROUNDS.value)
+        per_step = {name: seconds / steps for name, seconds in best.items()}
+        jax_s, reference = per_step["JAX jitted step"], next(iter(per_step.values()))
         b = config.train.batch_size
         print(f"device: {jax.devices()[0].device_kind} ({backend}), batch {b} windows x {config.model.context} steps")
         print(f"{'':24s} {'params':>9s} {'ms/step':>8s} {'samples/s':>10s} {'ratio':>6s}")
-        for name, params, seconds in rows:
-            print(f"{name:24s} {params:9d} {seconds * 1e3:8.1f} {b / seconds:10.1f} {reference / seconds:5.2f}x")
+        for name, (_, count) in contenders.items():
+            t = per_step[name]
+            print(f"{name:24s} {count:9d} {t * 1e3:8.1f} {b / t:10.1f} {reference / t:5.2f}x")
         print(f"compiled step: {flops / 1e9:.1f} GFLOP, {flops / jax_s / 1e12:.3f} TFLOP/s")
         if backend == "gpu":
             peak = matmul_rate(jnp.bfloat16 if DTYPE.value == "bfloat16" else jnp.float32)
