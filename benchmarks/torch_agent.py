@@ -30,7 +30,8 @@ class Block(nn.Module):
 
 
 class ObservationEncoder(nn.Module):
-    """Embedded cells, FiLM by z, then multi-head attention pooling with the query folded into the keys."""
+    """Embedded cells (one lookup in a normalised table of every cell combination), FiLM by z, then
+    multi-head attention pooling with the query folded into the keys."""
 
     def __init__(self, width: int, cell_width: int, heads: int):
         super().__init__()
@@ -41,12 +42,19 @@ class ObservationEncoder(nn.Module):
         self.query = nn.Linear(width, cell_width * heads)
         self.readout = nn.Linear(cell_width * heads, width)
         self.direction = nn.Embedding(4, width)
+        self.register_buffer("cell_index", torch.arange(GRID_CELLS), persistent=False)
+
+    def normalized_cell_table(self):
+        """Every (object, colour, state, cell) combination, summed and normalised, as the Flax model does."""
+        table = (self.object.weight[:, None, None, None] + self.colour.weight[:, None, None]
+                 + self.state.weight[:, None] + self.cell)
+        return self.norm(table).flatten(0, 3)
 
     def forward(self, image, direction, z):
         image = image.long().flatten(2, 3)  # [B, T, 49, 3]
-        cells = self.object(image[..., 0]) + self.colour(image[..., 1]) + self.state(image[..., 2]) + self.cell
+        index = ((image[..., 0] * 6 + image[..., 1]) * 3 + image[..., 2]) * GRID_CELLS + self.cell_index
         scale, shift = self.film(z)[:, None, None].chunk(2, dim=-1)
-        cells = F.gelu(self.norm(cells) * (1 + scale) + shift, approximate="tanh")
+        cells = F.gelu(F.embedding(index, self.normalized_cell_table()) * (1 + scale) + shift, approximate="tanh")
         keys = self.query(z).view(-1, self.cell_width, self.heads)
         weights = torch.einsum("btnc,bch->btnh", cells, keys).div(self.cell_width**0.5).softmax(dim=2)
         read = torch.einsum("btnh,btnc->bthc", weights, cells).flatten(2)

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from configs.default import get_config
 from lvaa_jax.agent import Agent, evaluate, instruction_embedding, make_mesh, make_train_step, restore_agent
 from lvaa_jax.agent.evaluate import _observe_and_act
-from lvaa_jax.agent.model import LayerNorm
+from lvaa_jax.agent.model import LayerNorm, ObservationEncoder, normalize
 from lvaa_jax.agent.train import (
     build_agent,
     create_state,
@@ -61,6 +61,28 @@ def test_layer_norm_with_its_own_backward_equals_flax():
     chex.assert_trees_all_close(ours.apply(params, x), theirs.apply(params, x), atol=1e-5)
     chex.assert_trees_all_close(jax.grad(loss(ours), argnums=(0, 1))(params, x),
                                 jax.grad(loss(theirs), argnums=(0, 1))(params, x), atol=1e-4)
+
+
+def test_cell_table_lookup_equals_normalising_every_cell():
+    """Cells gathered from the table of every (object, colour, state, position) combination are the
+    normalised sums of their own embeddings, in values and in gradients."""
+    image = np.stack([np.random.default_rng(i).integers(0, n, (2, 3, 7, 7)) for i, n in enumerate((11, 6, 3))], -1)
+    image = image.astype(np.uint8)
+    encoder = ObservationEncoder(width=16, cell_width=8, num_heads=2, dtype=jnp.float32)
+    params = encoder.init(jax.random.key(1), image, jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 16)))["params"]
+
+    def per_cell(params):
+        cells = image.astype(np.int32).reshape(2, 3, 49, 3)
+        return normalize(params["object"]["embedding"][cells[..., 0]] + params["colour"]["embedding"][cells[..., 1]]
+                         + params["state"]["embedding"][cells[..., 2]] + params["cell"])
+
+    def from_table(params):
+        return encoder.apply({"params": params}, image, method=ObservationEncoder.normalized_cells)
+
+    cotangent = jax.random.normal(jax.random.key(2), (2, 3, 49, 8))
+    chex.assert_trees_all_close(from_table(params), per_cell(params), atol=1e-5)
+    chex.assert_trees_all_close(*(jax.grad(lambda p, f=f: jnp.sum(f(p) * cotangent))(params) for f in (from_table, per_cell)),
+                                atol=1e-4)
 
 
 def test_shapes(run):
