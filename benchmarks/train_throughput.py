@@ -26,6 +26,7 @@ from configs.default import get_config
 from configs.paper import get_config as paper_config
 from lvaa_jax.agent.train import build_agent, create_state, make_mesh, make_train_step, shard_batch
 from lvaa_jax.babyai import WindowBatches, make_demos
+from lvaa_jax.cli import restart_on_huge_pages
 
 MODEL = flags.DEFINE_enum("model", "default", ["default", "paper"], "Model and batch of configs/<model>.py.")
 STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per round (after warm-up).")
@@ -165,4 +166,5 @@ def main(_):
 
 
 if __name__ == "__main__":
+    restart_on_huge_pages()  # as the training scripts do
     app.run(main)

@@ -1,8 +1,10 @@
-"""What every absl entry point shares: config-file flag, workdir default, one-line errors."""
+"""What every absl entry point shares: config-file flag, workdir default, one-line errors, huge pages."""
 
 from __future__ import annotations
 
 import logging
+import os
+import platform
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -75,8 +77,41 @@ def _exit(message: str) -> None:
     sys.exit(2)
 
 
+HUGE_PAGES = "glibc.malloc.hugetlb"
+
+
+def restart_on_huge_pages() -> None:
+    """Restarts this process once with glibc's malloc on transparent huge pages (``GLIBC_TUNABLES``
+    ``glibc.malloc.hugetlb=1``), unless the variable already sets it, the C library is not glibc 2.35+,
+    or the kernel has huge pages off.
+
+    XLA:CPU puts every temporary of a jitted call in one allocation that glibc maps afresh on each call:
+    79 MB for the default training step, which on 4 KB pages page-faults ~20k times per step and misses
+    the TLB throughout. On 2 MB pages the default step is 1.2x faster on 2 CPU cores (measured, README).
+    glibc reads the setting only when a process starts, hence the restart. Opt out with
+    ``GLIBC_TUNABLES=glibc.malloc.hugetlb=0``.
+    """
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if HUGE_PAGES in tunables or not _glibc_with_huge_pages():
+        return
+    os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, (tunables, f"{HUGE_PAGES}=1")))
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+def _glibc_with_huge_pages() -> bool:
+    library, version = platform.libc_ver()
+    try:
+        enabled = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    numbers = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    return library == "glibc" and numbers >= (2, 35) and "[never]" not in enabled
+
+
 def run(main: Callable[[Sequence[str]], None]) -> None:
-    """``absl.app.run`` whose user errors (LvaaError, bad flags) end as ``error: ...`` and exit code 2."""
+    """``absl.app.run`` whose user errors (LvaaError, bad flags) end as ``error: ...`` and exit code 2,
+    in a process restarted on huge pages (:func:`restart_on_huge_pages`)."""
+    restart_on_huge_pages()
 
     def guarded(argv: Sequence[str]) -> None:
         if len(argv) > 1:
