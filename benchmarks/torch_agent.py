@@ -52,7 +52,8 @@ class ObservationEncoder(nn.Module):
 
     def forward(self, image, direction, z):
         image = image.long().flatten(2, 3)  # [B, T, 49, 3]
-        index = ((image[..., 0] * 6 + image[..., 1]) * 3 + image[..., 2]) * GRID_CELLS + self.cell_index
+        colours, states = self.colour.num_embeddings, self.state.num_embeddings
+        index = ((image[..., 0] * colours + image[..., 1]) * states + image[..., 2]) * GRID_CELLS + self.cell_index
         scale, shift = self.film(z)[:, None, None].chunk(2, dim=-1)
         cells = F.gelu(F.embedding(index, self.normalized_cell_table()) * (1 + scale) + shift, approximate="tanh")
         keys = self.query(z).view(-1, self.cell_width, self.heads)
