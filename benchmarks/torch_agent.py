@@ -23,9 +23,9 @@ class Block(nn.Module):
         self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
         self.mlp = MLP(width, width * mlp_ratio)
 
-    def forward(self, x, key_padding_mask=None, causal=None):
+    def forward(self, x, key_padding_mask=None, attn_mask=None):
         h = self.norm1(x)
-        x = x + self.attention(h, h, h, key_padding_mask=key_padding_mask, attn_mask=causal, need_weights=False)[0]
+        x = x + self.attention(h, h, h, key_padding_mask=key_padding_mask, attn_mask=attn_mask, need_weights=False)[0]
         return x + self.mlp(self.norm2(x))
 
 
@@ -51,13 +51,14 @@ class ObservationEncoder(nn.Module):
         return self.norm(table).flatten(0, 3)
 
     def forward(self, image, direction, z):
+        """z: each step's instruction vector [B, T, D]."""
         image = image.long().flatten(2, 3)  # [B, T, 49, 3]
         colours, states = self.colour.num_embeddings, self.state.num_embeddings
         index = ((image[..., 0] * colours + image[..., 1]) * states + image[..., 2]) * GRID_CELLS + self.cell_index
-        scale, shift = self.film(z)[:, None, None].chunk(2, dim=-1)
+        scale, shift = self.film(z)[:, :, None].chunk(2, dim=-1)
         cells = F.gelu(F.embedding(index, self.normalized_cell_table()) * (1 + scale) + shift, approximate="tanh")
-        keys = self.query(z).view(-1, self.cell_width, self.heads)
-        weights = torch.einsum("btnc,bch->btnh", cells, keys).div(self.cell_width**0.5).softmax(dim=2)
+        keys = self.query(z).view(*z.shape[:2], self.cell_width, self.heads)
+        weights = torch.einsum("btnc,btch->btnh", cells, keys).div(self.cell_width**0.5).softmax(dim=2)
         read = torch.einsum("btnh,btnc->bthc", weights, cells).flatten(2)
         return self.readout(read) + self.direction(direction.long())
 
@@ -74,6 +75,7 @@ class TorchAgent(nn.Module):
         self.step_position = nn.Parameter(torch.randn(config.context, d))
         self.memory = nn.ModuleList(Block(d, heads, config.mlp_ratio) for _ in range(config.memory_layers))
         self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, 7)
+        self.heads = heads
 
     def embed_instruction(self, tokens, token_mask):
         x = self.words(tokens) + self.positions[: tokens.shape[1]]
@@ -83,13 +85,22 @@ class TorchAgent(nn.Module):
         return (self.instruction_norm(x) * m).sum(1) / m.sum(1).clamp(min=1)
 
     def forward(self, batch):
-        z = self.embed_instruction(batch["tokens"].long(), batch["token_mask"])
+        """A batch of packed rows (lvaa_jax.babyai.WindowBatches). Eager PyTorch encodes only the used
+        instruction slots (the jitted step, with static shapes, encodes all of them)."""
+        tokens, token_mask, segment = batch["tokens"].long(), batch["token_mask"], batch["segment"].long()
+        rows, windows, _ = tokens.shape
+        used = token_mask.any(-1).flatten()
+        z = self.embed_instruction(tokens.flatten(0, 1)[used], token_mask.flatten(0, 1)[used])
+        rank = (used.cumsum(0) - 1).view(rows, windows)  # row and slot -> index in z
+        z = z[rank.gather(1, segment)]  # each step's instruction vector [B, T, D]
         steps = self.observation(batch["image"], batch["direction"], z)
-        x = steps + self.step_position[: steps.shape[1]] + z[:, None]
+        x = steps + self.step_position[batch["position"].long()] + z
         t = x.shape[1]
         causal = torch.triu(torch.ones(t, t, dtype=torch.bool, device=x.device), diagonal=1)
+        blocked = causal | (segment[:, :, None] != segment[:, None, :])  # True: may not attend
+        blocked = blocked.repeat_interleave(self.heads, dim=0)
         for block in self.memory:
-            x = block(x, causal=causal)
+            x = block(x, attn_mask=blocked)
         return self.head(self.norm(x))
 
 

@@ -3,9 +3,10 @@
     python -m benchmarks.train_throughput                 # this machine's default device
     python -m benchmarks.train_throughput --sharding_check # also 1 vs 8 forced CPU devices
 
-Both sides train the model of configs/default.py (or configs/paper.py with --model=paper) (same widths, layers, heads, parameter count) on the
-same batches of real demo windows with AdamW and gradient clipping; samples are windows of
-``context`` steps. On a GPU, model FLOPs utilisation is the compiled step's FLOPs per second over
+Both sides train the model of configs/default.py (or configs/paper.py with --model=paper) (same widths,
+layers, heads, parameter count) on the same batches of real demo windows, packed into rows as the config
+says, with AdamW and gradient clipping; samples are rows of ``context`` steps, and real steps/s counts
+the steps that are not padding. On a GPU, model FLOPs utilisation is the compiled step's FLOPs per second over
 the bf16 matmul rate measured in the same run.
 """
 
@@ -31,7 +32,8 @@ from lvaa_jax.cli import restart_on_huge_pages
 MODEL = flags.DEFINE_enum("model", "default", ["default", "paper"], "Model and batch of configs/<model>.py.")
 STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per round (after warm-up).")
 ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds per side, JAX and PyTorch alternating; the fastest counts.")
-BATCH = flags.DEFINE_integer("batch_size", 0, "Windows per step (0: the config's).")
+BATCH = flags.DEFINE_integer("batch_size", 0, "Rows per step (0: the config's).")
+PACK = flags.DEFINE_integer("windows_per_row", 0, "Windows packed per row (0: the config's).")
 DTYPE = flags.DEFINE_string("dtype", "float32", "JAX activation dtype: float32 or bfloat16.")
 TORCH = flags.DEFINE_bool("torch", True, "Measure the PyTorch reference too.")
 SHARDING = flags.DEFINE_bool("sharding_check", False, "Compare the step on 1 vs 8 forced CPU devices.")
@@ -43,7 +45,8 @@ def demo_batches(config, workdir):
     config.data.num_workers = 0
     config.data.census_resets = 0
     dataset = make_demos(config, workdir, progress=False)
-    return dataset, WindowBatches(dataset, config.train.batch_size, config.model.context, seed=0)
+    return dataset, WindowBatches(dataset, config.train.batch_size, config.model.context, seed=0,
+                                  windows_per_row=config.train.windows_per_row)
 
 
 def jax_runner(config, dataset, batches):
@@ -134,6 +137,8 @@ def main(_):
     config.model.dtype = DTYPE.value
     if BATCH.value:
         config.train.batch_size = BATCH.value
+    if PACK.value:
+        config.train.windows_per_row = PACK.value
     backend = jax.default_backend()
     with tempfile.TemporaryDirectory() as workdir:
         dataset, batches = demo_batches(config, workdir)
@@ -148,11 +153,13 @@ def main(_):
         per_step = {name: seconds / steps for name, seconds in best.items()}
         jax_s, reference = per_step["JAX jitted step"], next(iter(per_step.values()))
         b = config.train.batch_size
-        print(f"device: {jax.devices()[0].device_kind} ({backend}), batch {b} windows x {config.model.context} steps")
-        print(f"{'':24s} {'params':>9s} {'ms/step':>8s} {'samples/s':>10s} {'ratio':>6s}")
+        real = np.mean([batches.batch_at(i)["mask"].sum() for i in range(4)])  # the timed batches' real steps
+        print(f"device: {jax.devices()[0].device_kind} ({backend}), batch {b} rows x {config.model.context} steps, "
+              f"at most {config.train.windows_per_row} window(s) per row, {real / (b * config.model.context):.0%} real steps")
+        print(f"{'':24s} {'params':>9s} {'ms/step':>8s} {'samples/s':>10s} {'real steps/s':>13s} {'ratio':>6s}")
         for name, (_, count) in contenders.items():
             t = per_step[name]
-            print(f"{name:24s} {count:9d} {t * 1e3:8.1f} {b / t:10.1f} {reference / t:5.2f}x")
+            print(f"{name:24s} {count:9d} {t * 1e3:8.1f} {b / t:10.1f} {real / t:13.0f} {reference / t:5.2f}x")
         print(f"compiled step: {flops / 1e9:.1f} GFLOP, {flops / jax_s / 1e12:.3f} TFLOP/s")
         if backend == "gpu":
             peak = matmul_rate(jnp.bfloat16 if DTYPE.value == "bfloat16" else jnp.float32)

@@ -53,7 +53,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 3000
-    c.train.batch_size = 64  # windows per step, split over all devices
+    c.train.batch_size = 32  # rows of `context` steps per step, split over all devices
+    c.train.windows_per_row = 2  # windows packed end to end in a row: 90% real steps instead of 47%
     c.train.learning_rate = 1e-3
     c.train.warmup_steps = 200
     c.train.weight_decay = 1e-4

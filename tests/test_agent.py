@@ -69,7 +69,7 @@ def test_cell_table_lookup_equals_normalising_every_cell():
     image = np.stack([np.random.default_rng(i).integers(0, n, (2, 3, 7, 7)) for i, n in enumerate((11, 6, 3))], -1)
     image = image.astype(np.uint8)
     encoder = ObservationEncoder(width=16, cell_width=8, num_heads=2, dtype=jnp.float32)
-    params = encoder.init(jax.random.key(1), image, jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 16)))["params"]
+    params = encoder.init(jax.random.key(1), image, jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 3, 16)))["params"]
 
     def per_cell(params):
         cells = image.astype(np.int32).reshape(2, 3, 49, 3)
@@ -93,10 +93,31 @@ def test_shapes(run):
     logits = jax.jit(model.apply)({"params": params}, batch)
     chex.assert_shape(logits, (4, model.context, 7))
     chex.assert_tree_all_finite(logits)
-    all_layers = instruction_embedding(params, batch["tokens"], batch["token_mask"], model=model, layers=(0, 1))
+    tokens, token_mask = batch["tokens"][:, 0], batch["token_mask"][:, 0]
+    all_layers = instruction_embedding(params, tokens, token_mask, model=model, layers=(0, 1))
     chex.assert_shape(all_layers, (2, 4, model.width))
-    z = instruction_embedding(params, batch["tokens"], batch["token_mask"], model=model)
+    z = instruction_embedding(params, tokens, token_mask, model=model)
     chex.assert_trees_all_close(z, all_layers[-1])
+
+
+def test_a_packed_row_gives_each_window_the_logits_it_gets_alone(run):
+    """Several windows in one row (segment mask, per-window positions and instructions) are computed
+    exactly as if each had a row of its own."""
+    config, _, dataset, _ = run
+    model = build_agent(config, dataset)
+    params = init_params(model, seed=1)
+    packed = WindowBatches(dataset, 4, model.context, seed=0, windows_per_row=3)
+    batch = packed.batch_at(0)
+    assert (batch["segment"].max(1) > 0).any(), "no row of this test batch holds two windows"
+    logits = np.asarray(jax.jit(model.apply)({"params": params}, batch))
+    rows = packed._epoch_rows(0)[:4]
+    for row, windows in enumerate(rows):
+        for segment, window in enumerate(windows[windows >= 0]):
+            alone = packed.windows(packed.window_episode[window : window + 1], packed.window_offset[window : window + 1])
+            steps = (batch["segment"][row] == segment) & batch["mask"][row]
+            np.testing.assert_array_equal(batch["action"][row][steps], alone["action"][0][alone["mask"][0]])
+            expected = np.asarray(jax.jit(model.apply)({"params": params}, alone))[0][alone["mask"][0]]
+            np.testing.assert_allclose(logits[row][steps], expected, atol=1e-5)
 
 
 def test_instruction_embedding_depends_on_the_instruction_alone(run):
@@ -153,7 +174,7 @@ def test_sharded_step_matches_single_device(run):
     config, _, dataset, _ = run
     assert jax.device_count() == 8
     model = build_agent(config, dataset)
-    batches = WindowBatches(dataset, 16, model.context, seed=3)
+    batches = WindowBatches(dataset, 16, model.context, seed=3, windows_per_row=2)
     params = jax.device_get(init_params(model, config.seed))  # host copy: each step donates its state
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
@@ -271,7 +292,7 @@ def test_closed_loop_step_equals_the_training_forward(run):
     episode = int(np.argmax(dataset.length))
     batch = WindowBatches(dataset, 1, model.context, seed=0).windows(np.array([episode]), np.array([0]))
     expected = np.asarray(jax.jit(model.apply)({"params": params}, batch)).argmax(-1)[0]
-    z = instruction_embedding(params, batch["tokens"], batch["token_mask"], model=model)
+    z = instruction_embedding(params, batch["tokens"][:, 0], batch["token_mask"][:, 0], model=model)
     memory = jnp.zeros((1, model.context, model.width))
     for t in range(int(batch["mask"].sum())):
         memory, action = _observe_and_act(

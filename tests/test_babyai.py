@@ -10,6 +10,7 @@ from script_runs import run_script, user_error
 
 from configs.default import get_config
 from lvaa_jax.babyai import Tokenizer, WindowBatches, load_demos, make_demos, make_env
+from lvaa_jax.babyai.batches import pack_rows
 from lvaa_jax.errors import LvaaError
 
 LEVELS = ("BabyAI-GoToLocal-v0", "BabyAI-OpenDoorColor-v0")
@@ -117,30 +118,40 @@ def test_tokenizer_round_trips_every_mission(demos, tmp_path):
     assert Tokenizer.load(tmp_path / "vocab.json").vocabulary == tokenizer.vocabulary
 
 
-def test_window_batches_shapes_masks_and_positions(demos):
-    batches = WindowBatches(demos, batch_size=4, context=3, seed=7)
+@pytest.mark.parametrize("windows_per_row", [1, 3])
+def test_window_batches_shapes_masks_and_positions(demos, windows_per_row):
+    batches = WindowBatches(demos, batch_size=4, context=6, seed=7, windows_per_row=windows_per_row)
     batch = next(batches)
     length = demos.max_instruction_length
-    chex.assert_shape(batch["image"], (4, 3, 7, 7, 3))
-    chex.assert_shape([batch["direction"], batch["action"], batch["mask"]], (4, 3))
-    chex.assert_shape([batch["tokens"], batch["token_mask"]], (4, length))
+    chex.assert_shape(batch["image"], (4, 6, 7, 7, 3))
+    chex.assert_shape([batch["direction"], batch["action"], batch["mask"], batch["segment"], batch["position"]], (4, 6))
+    chex.assert_shape([batch["tokens"], batch["token_mask"]], (4, windows_per_row, length))
+    chex.assert_shape(batch["level_id"], (4, windows_per_row))
     assert batch["image"].dtype == np.uint8 and batch["mask"].dtype == bool
-    assert batch["mask"][:, 0].all()  # a window starts on a real step
+    assert batch["mask"][:, 0].all()  # a row starts on a real step
     assert not batch["action"][~batch["mask"]].any() and not batch["image"][~batch["mask"]].any()
     np.testing.assert_array_equal(batch["token_mask"], batch["tokens"] != 0)
+    # Windows lie end to end, each counting its steps from 0; padding follows the last window.
+    starts = np.diff(batch["segment"], axis=1, prepend=-1) > 0
+    np.testing.assert_array_equal(batch["position"] == 0, starts)
+    assert (np.diff(batch["mask"].astype(int), axis=1) <= 0).all()
+    used = batch["token_mask"].any(-1)
+    np.testing.assert_array_equal(used, batch["level_id"] >= 0)
+    np.testing.assert_array_equal(used.sum(1), batch["segment"].max(1) + 1)
     # Resuming from a saved position serves exactly the batches an uninterrupted iterator would.
     state = batches.state()
     expected = [next(batches) for _ in range(3)]
-    restored = WindowBatches(demos, batch_size=4, context=3, seed=7)
+    restored = WindowBatches(demos, batch_size=4, context=6, seed=7, windows_per_row=windows_per_row)
     restored.restore(state)
     for want in expected:
         chex.assert_trees_all_equal(next(restored), want)
-    other_seed = WindowBatches(demos, batch_size=4, context=3, seed=8).batch_at(0)
+    other_seed = WindowBatches(demos, batch_size=4, context=6, seed=8, windows_per_row=windows_per_row).batch_at(0)
     assert not all(np.array_equal(other_seed[k], batch[k]) for k in batch)
 
 
-def test_an_epoch_covers_every_step_once(demos):
-    batches = WindowBatches(demos, batch_size=1, context=4, seed=0)
+@pytest.mark.parametrize("windows_per_row", [1, 3])
+def test_an_epoch_covers_every_step_once(demos, windows_per_row):
+    batches = WindowBatches(demos, batch_size=1, context=8, seed=0, windows_per_row=windows_per_row)
     served = [batches.batch_at(i) for i in range(batches.batches_per_epoch)]
     assert sum(int(b["mask"].sum()) for b in served) == int(demos.length.sum())
     actions = np.sort(np.concatenate([b["action"][b["mask"]] for b in served]))
@@ -157,7 +168,18 @@ def test_window_contents_match_the_episode(demos):
         real = batch["mask"][row]
         np.testing.assert_array_equal(batch["image"][row][real], full["image"][offset : offset + 4])
         np.testing.assert_array_equal(batch["action"][row][real], full["action"][offset : offset + 4])
-    assert demos.tokenizer.decode(batch["tokens"][0]) == full["mission"]
+    assert demos.tokenizer.decode(batch["tokens"][0, 0]) == full["mission"]
+
+
+def test_packing_fills_rows_within_their_limits():
+    rng = np.random.default_rng(0)
+    lengths = np.sort(rng.integers(1, 17, 500))[::-1]
+    row, slot = pack_rows(lengths, capacity=16, max_windows=3)
+    used = np.bincount(row, weights=lengths)
+    assert used.max() <= 16 and np.bincount(row).max() <= 3 and (slot < 3).all()
+    assert len(set(zip(row.tolist(), slot.tolist(), strict=True))) == len(lengths)  # one window per slot
+    assert lengths.sum() / (16 * len(used)) > 0.9  # best fit leaves little padding
+    np.testing.assert_array_equal(pack_rows(lengths, 16, 1)[0], np.arange(500))  # one window per row
 
 
 def test_replayed_episodes_reach_the_goal(demos):

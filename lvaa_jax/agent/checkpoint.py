@@ -19,7 +19,7 @@ CONFIG_FILE = "config.json"
 
 # A checkpoint can only continue a run whose settings give the same parameter shapes and the same data
 # stream; other settings (steps, logging, evaluation) may change between runs.
-BINDING_KEYS = ("seed", "model", "data", "train.batch_size")
+BINDING_KEYS = ("seed", "model", "data", "train.batch_size", "train.windows_per_row")
 
 
 def _binding(config: ml_collections.ConfigDict) -> dict:
@@ -28,7 +28,7 @@ def _binding(config: ml_collections.ConfigDict) -> dict:
     for key in BINDING_KEYS:
         value = full
         for part in key.split("."):
-            value = value[part]
+            value = value.get(part) if isinstance(value, dict) else None  # a key older runs lack: None
         out[key] = value
     return out
 

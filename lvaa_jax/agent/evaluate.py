@@ -82,7 +82,7 @@ def _observe_and_act(model: Agent, params, memory, z, rows, slot, image, directi
 
     Slot 0 starts a new window, so the row's older steps are cleared first.
     """
-    zr = z[rows]
+    zr = z[rows][:, None]  # one instruction vector for every step of the row's window
     step = model.apply({"params": params}, image[:, None], direction[:, None], zr, method=Agent.observe)[:, 0]
     window = jnp.where((jnp.arange(memory.shape[1]) < slot[:, None])[..., None], memory[rows], 0)
     window = window.at[jnp.arange(len(rows)), slot].set(step)

@@ -11,7 +11,8 @@ Three pathways, in the order data flows:
    is added.
 3. Memory: a causal transformer over the steps of a window (BabyAI is partially observable: the agent
    must remember objects it turned away from), with ``z`` added to every step; a linear head gives the
-   7 action logits.
+   7 action logits. A training row packs several short windows; a segment mask keeps them apart, so
+   each window gets exactly the logits it would get alone.
 
 The policy sees the instruction only through ``z``: whatever it must know to act is in that vector.
 """
@@ -198,12 +199,13 @@ class ObservationEncoder(nn.Module):
         return table[combination * GRID * GRID + jnp.arange(GRID * GRID)]
 
     def __call__(self, image: jax.Array, direction: jax.Array, z: jax.Array) -> jax.Array:
-        """image uint8 [B, T, 7, 7, 3], direction [B, T], z [B, D] -> step vectors [B, T, D]."""
+        """image uint8 [B, T, 7, 7, 3], direction [B, T], each step's instruction vector z [B, T, D] -> step
+        vectors [B, T, D]."""
         cell_width, heads = self.cell_width, self.num_heads
         scale, shift = jnp.split(self.film(z), 2, axis=-1)
-        cells = nn.gelu(self.normalized_cells(image) * (1 + scale[:, None, None]) + shift[:, None, None])
-        keys = self.query(z).reshape(-1, cell_width, heads)
-        scores = jnp.einsum("btnc,bch->btnh", cells, keys) / jnp.sqrt(cell_width).astype(self.dtype)
+        cells = nn.gelu(self.normalized_cells(image) * (1 + scale[:, :, None]) + shift[:, :, None])
+        keys = self.query(z).reshape(*z.shape[:2], cell_width, heads)
+        scores = jnp.einsum("btnc,btch->btnh", cells, keys) / jnp.sqrt(cell_width).astype(self.dtype)
         weights = jax.nn.softmax(scores.astype(jnp.float32), axis=2).astype(self.dtype)
         read = jnp.einsum("btnh,btnc->bthc", weights, cells).reshape(*cells.shape[:2], heads * cell_width)
         return self.readout(read) + self.direction(direction)
@@ -252,20 +254,36 @@ class Agent(nn.Module):
         return self.instruction(tokens, token_mask, train)
 
     def observe(self, image: jax.Array, direction: jax.Array, z: jax.Array) -> jax.Array:
-        """Step vectors [B, T, width]: each observation read out under the instruction vector ``z``."""
+        """Step vectors [B, T, width]: each observation read out under its instruction vector ``z`` [B, T, D]."""
         return self.observation(image, direction, z)
 
-    def act(self, steps: jax.Array, z: jax.Array, train: bool = False) -> jax.Array:
-        """Action logits [B, T, 7] from the step vectors of a window (causal: step t sees steps <= t)."""
-        x = steps + self.step_position[: steps.shape[1]].astype(self.dtype) + z[:, None, :]
-        causal = nn.make_causal_mask(jnp.ones(x.shape[:2], bool))
+    def act(self, steps: jax.Array, z: jax.Array, segment: jax.Array | None = None,
+            position: jax.Array | None = None, train: bool = False) -> jax.Array:
+        """Action logits [B, T, 7] from the step vectors of a row (causal: step t sees steps <= t of its own
+        window). ``z`` [B, T, D] (or [B, 1, D]) is each step's instruction vector; ``segment`` and
+        ``position`` [B, T] say which window of the row a step belongs to and where in it (default: the
+        row is one window)."""
+        if position is None:
+            position = jnp.arange(steps.shape[1])
+        x = steps + self.step_position[position].astype(self.dtype) + z
+        t = jnp.arange(x.shape[1])
+        attend = (t[:, None] >= t[None, :])[None]  # [1, query, key]
+        if segment is not None:
+            attend = attend & (segment[:, :, None] == segment[:, None, :])
+        attend = attend[:, None]  # one mask for every head
         for block in self.memory:
-            x = block(x, causal, train)
+            x = block(x, attend, train)
         return self.head(self.norm(x)).astype(jnp.float32)
 
     def __call__(self, batch: dict[str, jax.Array], train: bool = False) -> jax.Array:
-        z = self.embed_instruction(batch["tokens"], batch["token_mask"], train)[-1]
-        return self.act(self.observe(batch["image"], batch["direction"], z), z, train)
+        """Logits [B, T, 7] of a batch of rows (see ``lvaa_jax.babyai.WindowBatches``): the row's instructions
+        [B, S, L] are encoded once each and every step reads its own window's vector."""
+        tokens, token_mask = batch["tokens"], batch["token_mask"]
+        rows, windows, length = tokens.shape
+        z = self.embed_instruction(tokens.reshape(-1, length), token_mask.reshape(-1, length), train)[-1]
+        z = jnp.take_along_axis(z.reshape(rows, windows, -1), batch["segment"][..., None], axis=1)
+        steps = self.observe(batch["image"], batch["direction"], z)
+        return self.act(steps, z, batch["segment"], batch["position"], train)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "layers"))

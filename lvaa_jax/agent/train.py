@@ -68,9 +68,11 @@ def build_agent(config: ml_collections.ConfigDict, dataset: DemoDataset) -> Agen
 def example_batch(model: Agent, batch_size: int = 1) -> dict[str, np.ndarray]:
     """Zeros of the batch shapes, for initialisation and compilation."""
     t, length = model.context, model.max_instruction_length
+    steps = np.zeros((batch_size, t), np.int32)
     return {
-        "image": np.zeros((batch_size, t, 7, 7, 3), np.uint8), "direction": np.zeros((batch_size, t), np.int32),
-        "tokens": np.ones((batch_size, length), np.int32), "token_mask": np.ones((batch_size, length), bool),
+        "image": np.zeros((batch_size, t, 7, 7, 3), np.uint8), "direction": steps, "segment": steps,
+        "position": np.broadcast_to(np.arange(t, dtype=np.int32), (batch_size, t)),
+        "tokens": np.ones((batch_size, 1, length), np.int32), "token_mask": np.ones((batch_size, 1, length), bool),
     }
 
 
@@ -147,7 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, p
     checkpoints = Checkpoints(workdir / "checkpoints", config, train.keep_checkpoints)
     model = build_agent(config, dataset)
     state = create_state(model, config, mesh)
-    batches = WindowBatches(dataset, train.batch_size, model.context, config.seed)
+    batches = WindowBatches(dataset, train.batch_size, model.context, config.seed, train.windows_per_row)
     state = checkpoints.restore_latest(state, batches)
     start = int(state.step)
     train_step = make_train_step(model, mesh, config.seed)
