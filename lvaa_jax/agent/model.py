@@ -177,7 +177,10 @@ class ObservationEncoder(nn.Module):
         self.colour = embedding(len(COLOR_TO_IDX), width, dtype, name="colour")
         self.state = embedding(len(STATE_TO_IDX), width, dtype, name="state")
         self.cell = self.param("cell", nn.initializers.normal(1.0), (GRID * GRID, width))
-        self.film = nn.Dense(2 * width, dtype=dtype, name="film")
+        # FiLM starts as the identity and the instruction's modulation grows from zero: with the default
+        # (LeCun) init, (1 + scale) starts with std 1 per channel, driven mostly by what all instructions
+        # share, and one seed in four sat ~1 000 steps on a plateau at 0.81 training accuracy.
+        self.film = nn.Dense(2 * width, dtype=dtype, kernel_init=nn.initializers.zeros, name="film")
         self.query = nn.Dense(width * self.num_heads, dtype=dtype, name="query")
         self.readout = nn.Dense(self.width, dtype=dtype, name="readout")
         self.direction = embedding(4, self.width, dtype, name="direction")
