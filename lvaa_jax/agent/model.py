@@ -157,7 +157,7 @@ class InstructionEncoder(nn.Module):
 class ObservationEncoder(nn.Module):
     """Cells modulated by the instruction, then read out by attention pooling under the instruction.
 
-    Every cell of every step passes through this pathway (64 windows x 16 steps x 49 cells = 50k cells per
+    Every cell of every step passes through this pathway (32 rows x 16 steps x 49 cells = 25k cells per
     default batch), so it has no per-cell matmul: a cell is the normalised sum of its object, colour,
     state and position embeddings, looked up in a table of every combination; FiLM by ``z`` is
     elementwise; and the pooling is multi-head attention with a single query (made from ``z``) written
