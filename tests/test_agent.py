@@ -110,7 +110,7 @@ def test_a_packed_row_gives_each_window_the_logits_it_gets_alone(run):
     batch = packed.batch_at(0)
     assert (batch["segment"].max(1) > 0).any(), "no row of this test batch holds two windows"
     logits = np.asarray(jax.jit(model.apply)({"params": params}, batch))
-    rows = packed._epoch_rows(0)[:4]
+    rows = packed.epoch_rows(0)[:4]
     for row, windows in enumerate(rows):
         for segment, window in enumerate(windows[windows >= 0]):
             alone = packed.windows(packed.window_episode[window : window + 1], packed.window_offset[window : window + 1])
@@ -174,7 +174,7 @@ def test_sharded_step_matches_single_device(run):
     config, _, dataset, _ = run
     assert jax.device_count() == 8
     model = build_agent(config, dataset)
-    batches = WindowBatches(dataset, 16, model.context, seed=3, windows_per_row=2)
+    batches = WindowBatches(dataset, 8, model.context, seed=3, windows_per_row=2)
     params = jax.device_get(init_params(model, config.seed))  # host copy: each step donates its state
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
@@ -247,6 +247,19 @@ def test_batch_must_split_over_devices(run, tmp_path):
     (tmp_path / "demos").symlink_to(workdir / "demos")
     with pytest.raises(LvaaError, match="multiple of the 8 devices"):
         train_and_evaluate(tiny_config(batch_size=12), tmp_path, progress=False)
+
+
+def test_a_bad_setting_leaves_the_workdir_usable(run, tmp_path):
+    """A typo'd value fails before the checkpoint folder records the config, so the corrected command runs."""
+    config, workdir, _, _ = run
+    (tmp_path / "demos").symlink_to(workdir / "demos")
+    with pytest.raises(LvaaError, match="windows_per_row must be positive, got 8, 8 and 0"):
+        train_and_evaluate(tiny_config(windows_per_row=0), tmp_path, progress=False)
+    bad_pooling = tiny_config()
+    bad_pooling.model.pooling = "avg"
+    with pytest.raises(LvaaError, match="unknown pooling 'avg'"):
+        train_and_evaluate(bad_pooling, tmp_path, progress=False)
+    assert not (tmp_path / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("steps", [1, 5, 6, 40])

@@ -146,11 +146,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, p
     mesh = make_mesh()
     if train.batch_size % mesh.size:
         raise LvaaError(f"config.train.batch_size={train.batch_size} must be a multiple of the {mesh.size} devices")
-    checkpoints = Checkpoints(workdir / "checkpoints", config, train.keep_checkpoints)
-    model = build_agent(config, dataset)
-    state = create_state(model, config, mesh)
+    model = build_agent(config, dataset)  # a bad setting fails here, before the checkpoint folder binds the config
     batches = WindowBatches(dataset, train.batch_size, model.context, config.seed, train.windows_per_row)
-    state = checkpoints.restore_latest(state, batches)
+    log.info("%d windows in %d rows of %d steps per epoch: %.0f%% real steps, %d batches", len(batches.window_length),
+             batches.rows_per_epoch, model.context, 100 * batches.fill, batches.batches_per_epoch)
+    checkpoints = Checkpoints(workdir / "checkpoints", config, train.keep_checkpoints)
+    state = checkpoints.restore_latest(create_state(model, config, mesh), batches)
     start = int(state.step)
     train_step = make_train_step(model, mesh, config.seed)
     metrics_dir = workdir / "metrics"

@@ -6,8 +6,8 @@ Most BabyAI episodes are far shorter than a window (7.9 of 16 steps on the defau
 row of ``context`` steps holds up to ``windows_per_row`` windows one after another; the model keeps them
 apart with a per-step ``segment`` index (attention only within a segment, each step conditioned on its
 own segment's instruction) and ``position`` (step index within its window). A packed row gives each of
-its windows exactly the logits it would get alone; on the default data three windows per row fill 96%
-of the steps instead of 47%.
+its windows exactly the logits it would get alone; on the default data two windows per row fill 90% of
+the steps (three: 96%) instead of 47%.
 
 Rows are packed best-fit over windows in decreasing length. That packing depends on the lengths alone,
 so every epoch has the same rows-to-window-slots layout, and so the same number of batches; each epoch
@@ -70,8 +70,8 @@ class WindowBatches(Iterator[Batch]):
                  position: int = 0):
         if context < 1 or batch_size < 1 or windows_per_row < 1:
             raise LvaaError(
-                f"batch_size, context and windows_per_row must be positive, got {batch_size}, {context} and "
-                f"{windows_per_row}"
+                f"config.train.batch_size, config.model.context and config.train.windows_per_row must be positive, "
+                f"got {batch_size}, {context} and {windows_per_row}"
             )
         self.dataset, self.batch_size, self.context, self.seed = dataset, batch_size, context, seed
         self.windows_per_row = windows_per_row
@@ -115,7 +115,7 @@ class WindowBatches(Iterator[Batch]):
         """The batch served at ``position``: a pure function of (dataset, seed, windows_per_row, position)."""
         epoch, index = divmod(position, self.batches_per_epoch)
         if self._epoch[0] != epoch:
-            self._epoch = (epoch, self._epoch_rows(epoch))
+            self._epoch = (epoch, self.epoch_rows(epoch))
         rows = self._epoch[1][index * self.batch_size : (index + 1) * self.batch_size]
         real = rows >= 0
         windows = np.where(real, rows, 0)
@@ -124,7 +124,7 @@ class WindowBatches(Iterator[Batch]):
             np.where(real, self.window_length[windows], 0),
         )
 
-    def _epoch_rows(self, epoch: int) -> np.ndarray:
+    def epoch_rows(self, epoch: int) -> np.ndarray:
         """[rows_per_epoch, S] window ids of one epoch, rows in served order."""
         rng = np.random.default_rng([self.seed, epoch])
         shuffled = rng.permutation(len(self.window_length))
