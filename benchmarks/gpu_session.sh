@@ -56,7 +56,7 @@ from configs.paper import get_config
 from lvaa_jax.agent.train import make_mesh, shard_batch
 from lvaa_jax.babyai import WindowBatches, load_demos
 c = get_config()
-batches, mesh = WindowBatches(load_demos(sys.argv[1] + "/demos"), c.train.batch_size, c.model.context, 0), make_mesh()
+batches, mesh = WindowBatches(load_demos(sys.argv[1] + "/demos"), c.train.batch_size, c.model.context, 0, c.train.windows_per_row), make_mesh()
 start = time.perf_counter()
 for _ in range(50):
     shard_batch(next(batches), mesh)
