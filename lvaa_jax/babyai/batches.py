@@ -117,12 +117,9 @@ class WindowBatches(Iterator[Batch]):
         if self._epoch[0] != epoch:
             self._epoch = (epoch, self.epoch_rows(epoch))
         rows = self._epoch[1][index * self.batch_size : (index + 1) * self.batch_size]
-        real = rows >= 0
-        windows = np.where(real, rows, 0)
-        return self.rows(
-            np.where(real, self.window_episode[windows], -1), self.window_offset[windows],
-            np.where(real, self.window_length[windows], 0),
-        )
+        windows = np.maximum(rows, 0)  # an unused slot (-1) reads window 0 with length 0
+        return self.rows(self.window_episode[windows], self.window_offset[windows],
+                         np.where(rows >= 0, self.window_length[windows], 0))
 
     def epoch_rows(self, epoch: int) -> np.ndarray:
         """[rows_per_epoch, S] window ids of one epoch, rows in served order."""
@@ -139,11 +136,11 @@ class WindowBatches(Iterator[Batch]):
         return self.rows(episodes[:, None], offsets[:, None], lengths[:, None])
 
     def rows(self, episodes: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> Batch:
-        """Rows of windows laid end to end: ``episodes``, ``offsets``, ``lengths`` [B, S] (length 0, episode
-        -1: an unused slot, after the used ones). Padding repeats a real step and is then zeroed."""
+        """Rows of windows laid end to end: ``episodes``, ``offsets``, ``lengths`` [B, S] (length 0: an unused
+        slot, after the used ones). Padding repeats a real step and is then zeroed."""
         d, t = self.dataset, np.arange(self.context)
-        starts = np.cumsum(lengths, axis=1) - lengths
-        starts = np.where(lengths > 0, starts, self.context)  # unused slots start nowhere
+        used = lengths > 0
+        starts = np.where(used, np.cumsum(lengths, axis=1) - lengths, self.context)  # unused slots start nowhere
         segment = (t[None, None, :] >= starts[:, :, None]).sum(1) - 1  # [B, T]
         position = t - np.take_along_axis(starts, segment, 1)
         mask = position < np.take_along_axis(lengths, segment, 1)
@@ -153,10 +150,9 @@ class WindowBatches(Iterator[Batch]):
         out = {name: self.steps[name][index] for name in STEP_ARRAYS}
         for array in out.values():
             array *= mask.reshape(mask.shape + (1,) * (array.ndim - 2)).astype(array.dtype)
-        used = episodes >= 0
-        mission = d.mission_id[np.where(used, episodes, 0)]
+        mission = d.mission_id[episodes]
         return {"image": out["image"], "direction": out["direction"].astype(np.int32),
                 "action": out["action"].astype(np.int32), "mask": mask, "segment": segment.astype(np.int32),
                 "position": position.astype(np.int32), "tokens": self.tokens[mission] * used[..., None],
                 "token_mask": self.token_mask[mission] & used[..., None],
-                "level_id": np.where(used, d.level_id[np.where(used, episodes, 0)], -1).astype(np.int32)}
+                "level_id": np.where(used, d.level_id[episodes], -1).astype(np.int32)}
