@@ -1,5 +1,6 @@
 """Stage 2: the agent's shapes, its instruction pathway, data-parallel BC, exact resume, evaluation."""
 
+import dataclasses
 import json
 
 import chex
@@ -83,6 +84,25 @@ def test_cell_table_lookup_equals_normalising_every_cell():
     chex.assert_trees_all_close(from_table(params), per_cell(params), atol=1e-5)
     chex.assert_trees_all_close(*(jax.grad(lambda p, f=f: jnp.sum(f(p) * cotangent))(params) for f in (from_table, per_cell)),
                                 atol=1e-4)
+
+
+def test_one_hot_lookups_equal_gathers(run):
+    """The two ways of reading tables (gathers on the CPU, one-hot matmuls on accelerators) give the
+    same logits and gradients on packed rows."""
+    config, _, dataset, _ = run
+    gather = dataclasses.replace(build_agent(config, dataset), lookups="gather")
+    batch = next(WindowBatches(dataset, 4, gather.context, seed=0, windows_per_row=2))
+    params = create_state(gather, config, make_mesh(jax.devices()[:1])).params
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape), params)  # FiLM off zero
+
+    def loss(model):
+        return jax.jit(jax.value_and_grad(lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, batch)))))
+
+    (value, grads), (one_hot_value, one_hot_grads) = loss(gather)(params), loss(dataclasses.replace(gather, lookups="one_hot"))(params)
+    np.testing.assert_allclose(one_hot_value, value, rtol=1e-5)
+    chex.assert_trees_all_close(one_hot_grads, grads, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="unknown lookup"):
+        dataclasses.replace(gather, lookups="scatter").apply({"params": params}, batch)
 
 
 def test_shapes(run):
