@@ -7,11 +7,9 @@ Both sides train the model of configs/default.py (or configs/paper.py with --mod
 layers, heads, parameter count) on the same batches of real demo windows, packed into rows as the config
 says, with AdamW and gradient clipping; samples are rows of ``context`` steps, and real steps/s counts
 the steps that are not padding. On a GPU, model FLOPs utilisation is the compiled step's FLOPs per second over
-the bf16 matmul rate measured in the same run. ``--lookups=gather,one_hot`` times the step once per way
-of reading the model's tables (``auto``: the backend's choice, see ``lvaa_jax.agent.model.lookup``).
+the bf16 matmul rate measured in the same run.
 """
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -38,7 +36,6 @@ BATCH = flags.DEFINE_integer("batch_size", 0, "Rows per step (0: the config's)."
 PACK = flags.DEFINE_integer("windows_per_row", 0, "Windows packed per row (0: the config's).")
 DTYPE = flags.DEFINE_string("dtype", "float32", "JAX activation dtype: float32 or bfloat16.")
 TORCH = flags.DEFINE_bool("torch", True, "Measure the PyTorch reference too.")
-LOOKUPS = flags.DEFINE_list("lookups", ["auto"], "Ways of reading the model's tables, each timed: auto, gather, one_hot.")
 SHARDING = flags.DEFINE_bool("sharding_check", False, "Compare the step on 1 vs 8 forced CPU devices.")
 SHARDING_CHILD = flags.DEFINE_bool("sharding_child", False, "Internal: run the 1-vs-8 comparison here.")
 
@@ -52,9 +49,9 @@ def demo_batches(config, workdir):
                                   windows_per_row=config.train.windows_per_row)
 
 
-def jax_runner(config, dataset, batches, lookups="auto"):
+def jax_runner(config, dataset, batches):
     """run(count) for the jitted step, warmed up; its compiled FLOPs; its parameter count."""
-    model = dataclasses.replace(build_agent(config, dataset), lookups=lookups)
+    model = build_agent(config, dataset)
     mesh = make_mesh()
     state = create_state(model, config, mesh)
     step = make_train_step(model, mesh, config.seed)
@@ -148,30 +145,26 @@ def main(_):
         contenders = {}  # name: (run(count), parameter count); the first is the reference
         if TORCH.value:
             contenders["PyTorch eager (ref)"] = torch_runner(config, dataset, batches)
-        flops = {}
-        for how in LOOKUPS.value:
-            name = "JAX jitted step" if how == "auto" else f"JAX step, {how} lookups"
-            run_jax, flops[name], jax_params = jax_runner(config, dataset, batches, how)
-            contenders[name] = (run_jax, jax_params)
+        run_jax, flops, jax_params = jax_runner(config, dataset, batches)
+        contenders["JAX jitted step"] = (run_jax, jax_params)
         steps = STEPS.value
         best = interleaved_best_seconds({name: lambda run=run: run(steps) for name, (run, _) in contenders.items()},
                                         ROUNDS.value)
         per_step = {name: seconds / steps for name, seconds in best.items()}
-        reference = next(iter(per_step.values()))
+        jax_s, reference = per_step["JAX jitted step"], next(iter(per_step.values()))
         b = config.train.batch_size
         real = np.mean([batches.batch_at(i)["mask"].sum() for i in range(4)])  # the timed batches' real steps
         print(f"device: {jax.devices()[0].device_kind} ({backend}), batch {b} rows x {config.model.context} steps, "
               f"at most {config.train.windows_per_row} window(s) per row, {real / (b * config.model.context):.0%} real steps")
-        print(f"{'':27s} {'params':>9s} {'ms/step':>8s} {'samples/s':>10s} {'real steps/s':>13s} {'ratio':>6s}")
+        print(f"{'':24s} {'params':>9s} {'ms/step':>8s} {'samples/s':>10s} {'real steps/s':>13s} {'ratio':>6s}")
         for name, (_, count) in contenders.items():
             t = per_step[name]
-            print(f"{name:27s} {count:9d} {t * 1e3:8.1f} {b / t:10.1f} {real / t:13.0f} {reference / t:5.2f}x")
-        peak = matmul_rate(jnp.bfloat16 if DTYPE.value == "bfloat16" else jnp.float32) if backend == "gpu" else None
-        for name, f in flops.items():
-            rate = f / per_step[name]
-            print(f"{name}: compiled {f / 1e9:.1f} GFLOP, {rate / 1e12:.3f} TFLOP/s" + (
-                f", model FLOPs utilisation {rate / peak:.1%} of the {peak / 1e12:.0f} TFLOP/s {DTYPE.value} "
-                "8192^3 matmul measured here" if peak else ""))
+            print(f"{name:24s} {count:9d} {t * 1e3:8.1f} {b / t:10.1f} {real / t:13.0f} {reference / t:5.2f}x")
+        print(f"compiled step: {flops / 1e9:.1f} GFLOP, {flops / jax_s / 1e12:.3f} TFLOP/s")
+        if backend == "gpu":
+            peak = matmul_rate(jnp.bfloat16 if DTYPE.value == "bfloat16" else jnp.float32)
+            print(f"model FLOPs utilisation: {flops / jax_s / peak:.1%} of the {peak / 1e12:.0f} TFLOP/s "
+                  f"{DTYPE.value} 8192^3 matmul measured here")
     if SHARDING.value:
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
         result = subprocess.run([sys.executable, "-m", "benchmarks.train_throughput", "--sharding_child"], env=env, capture_output=True,

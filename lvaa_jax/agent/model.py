@@ -30,7 +30,6 @@ from minigrid.core.constants import COLOR_TO_IDX, OBJECT_TO_IDX, STATE_TO_IDX
 NUM_ACTIONS = 7
 GRID = 7
 POOLINGS = ("mean", "max", "first")
-LOOKUPS = ("auto", "gather", "one_hot")
 
 
 class MLP(nn.Module):
@@ -44,30 +43,15 @@ class MLP(nn.Module):
         return nn.Dense(self.width, dtype=self.dtype)(x)
 
 
-def embedding(num_embeddings: int, features: int, dtype: jnp.dtype, name: str) -> nn.Embed:
-    """A lookup table initialised N(0, 1), read with :func:`lookup`."""
-    return nn.Embed(num_embeddings, features, dtype=dtype, embedding_init=nn.initializers.normal(1.0), name=name)
+def embedding(num_embeddings: int, features: int, name: str) -> nn.Embed:
+    """A float32 lookup table initialised N(0, 1), read by gathers; callers cast what they read.
 
-
-def one_hot_lookups(how: str) -> bool:
-    """Whether table reads are one-hot contractions (``how`` one of LOOKUPS; ``auto``: off the CPU).
-
-    A gather's gradient is a scatter-add. On XLA:CPU that is the fast way (a one-hot matmul's gradient
-    needs the cotangent transposed); on a GPU the scatter-add serialises on the rows that most indices
-    share (the empty cell at each grid position, four directions, 32 step positions), and a one-hot
-    contraction, forward and backward, is a small matmul. Same values and gradients either way (tested;
-    the contractions run at full precision, so a GPU's TF32 does not round the table).
-    """
-    if how not in LOOKUPS:
-        raise ValueError(f"unknown lookup {how!r}; known: {LOOKUPS}")
-    return how == "one_hot" or (how == "auto" and jax.default_backend() != "cpu")
-
-
-def lookup(table: jax.Array, index: jax.Array, how: str) -> jax.Array:
-    """``table[index]`` for a small table [N, D] and integer ``index`` [...] -> [..., D]."""
-    if one_hot_lookups(how):
-        return jnp.matmul(jax.nn.one_hot(index, table.shape[0], dtype=table.dtype), table, precision="highest")
-    return table[index]
+    A gather's gradient is a scatter-add: on XLA:CPU faster than one-hot @ table (whose gradient needs the
+    cotangent transposed). Every gather here reads float32, so that scatter-add accumulates in float32:
+    in bfloat16, XLA:GPU runs it as a compare-and-swap loop that serialises on the rows most indices share
+    (openxla/xla#26371; the empty cell at each grid position, the four directions), and it would sum
+    thousands of gradients per row at bfloat16 precision."""
+    return nn.Embed(num_embeddings, features, embedding_init=nn.initializers.normal(1.0), name=name)
 
 
 @jax.custom_vjp
@@ -155,7 +139,6 @@ class InstructionEncoder(nn.Module):
     dropout: float
     pooling: str
     dtype: jnp.dtype
-    lookups: str = "auto"
 
     @nn.compact
     def __call__(self, tokens: jax.Array, token_mask: jax.Array, train: bool = False) -> jax.Array:
@@ -163,8 +146,7 @@ class InstructionEncoder(nn.Module):
 
         The last entry (after the final LayerNorm) is the vector ``z`` the policy uses.
         """
-        words = embedding(self.vocab_size, self.width, self.dtype, name="words")
-        x = lookup(words.embedding.astype(self.dtype), tokens, self.lookups)
+        x = embedding(self.vocab_size, self.width, name="words")(tokens).astype(self.dtype)
         positions = self.param("positions", nn.initializers.normal(1.0), (self.max_length, self.width))
         x = x + positions[: tokens.shape[-1]].astype(self.dtype)
         mask = nn.make_attention_mask(token_mask, token_mask)
@@ -193,13 +175,12 @@ class ObservationEncoder(nn.Module):
     cell_width: int
     num_heads: int
     dtype: jnp.dtype
-    lookups: str = "auto"
 
     def setup(self):
         width, dtype = self.cell_width, self.dtype
-        self.object = embedding(len(OBJECT_TO_IDX), width, dtype, name="object")
-        self.colour = embedding(len(COLOR_TO_IDX), width, dtype, name="colour")
-        self.state = embedding(len(STATE_TO_IDX), width, dtype, name="state")
+        self.object = embedding(len(OBJECT_TO_IDX), width, name="object")
+        self.colour = embedding(len(COLOR_TO_IDX), width, name="colour")
+        self.state = embedding(len(STATE_TO_IDX), width, name="state")
         self.cell = self.param("cell", nn.initializers.normal(1.0), (GRID * GRID, width))
         # FiLM starts as the identity and the instruction's modulation grows from zero: with the default
         # (LeCun) init, (1 + scale) starts with std 1 per channel, driven mostly by what all instructions
@@ -207,7 +188,7 @@ class ObservationEncoder(nn.Module):
         self.film = nn.Dense(2 * width, dtype=dtype, kernel_init=nn.initializers.zeros, name="film")
         self.query = nn.Dense(width * self.num_heads, dtype=dtype, name="query")
         self.readout = nn.Dense(self.width, dtype=dtype, name="readout")
-        self.direction = embedding(4, self.width, dtype, name="direction")
+        self.direction = embedding(4, self.width, name="direction")
 
     def normalized_cells(self, image: jax.Array) -> jax.Array:
         """normalize(object + colour + state + cell-position embeddings) of every cell: [B, T, 49, cell_width].
@@ -215,19 +196,15 @@ class ObservationEncoder(nn.Module):
         Computed for every combination (objects * colours * states * 49 rows, 1.2 MB at the default width)
         and gathered: LayerNorm runs on that table instead of on every cell of the batch, and one gather
         replaces three (the default step 1.15x faster on XLA:CPU, measured A/B; same function, same
-        parameters). Off the CPU (:func:`one_hot_lookups`), the read is one small matmul per grid position
-        against a one-hot of the (object, colour, state) combination."""
+        parameters)."""
         table = (
             self.object.embedding[:, None, None, None] + self.colour.embedding[:, None, None]
             + self.state.embedding[:, None] + self.cell
         )
-        table = normalize(table.astype(self.dtype)).reshape(-1, GRID * GRID, self.cell_width)
+        table = normalize(table).reshape(-1, self.cell_width)  # float32, read by a gather (see `embedding`)
         image = image.astype(jnp.int32).reshape(*image.shape[:2], GRID * GRID, 3)
         combination = (image[..., 0] * len(COLOR_TO_IDX) + image[..., 1]) * len(STATE_TO_IDX) + image[..., 2]
-        if one_hot_lookups(self.lookups):
-            one_hot = jax.nn.one_hot(combination, len(table), dtype=table.dtype)
-            return jnp.einsum("btpc,cpd->btpd", one_hot, table, precision="highest")
-        return table.reshape(-1, self.cell_width)[combination * GRID * GRID + jnp.arange(GRID * GRID)]
+        return table[combination * GRID * GRID + jnp.arange(GRID * GRID)].astype(self.dtype)
 
     def __call__(self, image: jax.Array, direction: jax.Array, z: jax.Array) -> jax.Array:
         """image uint8 [B, T, 7, 7, 3], direction [B, T], each step's instruction vector z [B, T, D] -> step
@@ -239,7 +216,7 @@ class ObservationEncoder(nn.Module):
         scores = jnp.einsum("btnc,btch->btnh", cells, keys) / jnp.sqrt(cell_width).astype(self.dtype)
         weights = jax.nn.softmax(scores.astype(jnp.float32), axis=2).astype(self.dtype)
         read = jnp.einsum("btnh,btnc->bthc", weights, cells).reshape(*cells.shape[:2], heads * cell_width)
-        return self.readout(read) + lookup(self.direction.embedding.astype(self.dtype), direction, self.lookups)
+        return self.readout(read) + self.direction(direction).astype(self.dtype)
 
 
 class Agent(nn.Module):
@@ -257,7 +234,6 @@ class Agent(nn.Module):
     pooling: str = "mean"
     dropout: float = 0.0
     dtype: jnp.dtype = jnp.float32
-    lookups: str = "auto"  # how tables are read: LOOKUPS; the same function and parameters either way
 
     @classmethod
     def from_config(cls, model: ml_collections.ConfigDict, vocab_size: int, max_instruction_length: int) -> Agent:
@@ -271,9 +247,9 @@ class Agent(nn.Module):
     def setup(self):
         self.instruction = InstructionEncoder(
             self.vocab_size, self.max_instruction_length, self.width, self.instruction_layers, self.num_heads,
-            self.mlp_ratio, self.dropout, self.pooling, self.dtype, self.lookups,
+            self.mlp_ratio, self.dropout, self.pooling, self.dtype,
         )
-        self.observation = ObservationEncoder(self.width, self.cell_width, self.num_heads, self.dtype, self.lookups)
+        self.observation = ObservationEncoder(self.width, self.cell_width, self.num_heads, self.dtype)
         self.step_position = self.param("step_position", nn.initializers.normal(1.0), (self.context, self.width))
         self.memory = [
             Block(self.num_heads, self.mlp_ratio, self.dropout, self.dtype) for _ in range(self.memory_layers)
@@ -297,7 +273,7 @@ class Agent(nn.Module):
         row is one window)."""
         if position is None:
             position = jnp.arange(steps.shape[1])
-        x = steps + lookup(self.step_position.astype(self.dtype), position, self.lookups) + z
+        x = steps + self.step_position[position].astype(self.dtype) + z
         t = jnp.arange(x.shape[1])
         attend = (t[:, None] >= t[None, :])[None]  # [1, query, key]
         if segment is not None:
@@ -313,8 +289,8 @@ class Agent(nn.Module):
         tokens, token_mask = batch["tokens"], batch["token_mask"]
         rows, windows, length = tokens.shape
         z = self.embed_instruction(tokens.reshape(-1, length), token_mask.reshape(-1, length), train)[-1]
-        z = z.reshape(rows, windows, -1)  # each step reads its window's vector (a batched lookup):
-        z = jnp.einsum("bts,bsd->btd", jax.nn.one_hot(batch["segment"], windows, dtype=z.dtype), z, precision="highest")
+        z = z.astype(jnp.float32).reshape(rows, windows, -1)  # a float32 gather (see `embedding`)
+        z = jnp.take_along_axis(z, batch["segment"][..., None], axis=1).astype(self.dtype)
         steps = self.observe(batch["image"], batch["direction"], z)
         return self.act(steps, z, batch["segment"], batch["position"], train)
 
