@@ -57,14 +57,17 @@ tail -n 11 "$OUT/paper_demos.log" | quiet | tee -a "$OUT/session.log"
 
 read -r HOST_MS CONFIG_STEPS < <($PY - "$PAPER" <<'EOF' 2>/dev/null
 import sys, time
+import jax
 from configs.paper import get_config
 from lvaa_jax.agent.train import make_mesh, shard_batch
 from lvaa_jax.babyai import WindowBatches, load_demos
 c = get_config()
 batches, mesh = WindowBatches(load_demos(sys.argv[1] + "/demos"), c.train.batch_size, c.model.context, 0, c.train.windows_per_row), make_mesh()
+shard_batch(next(batches), mesh)  # the first transfer starts the device's runtime (seconds)
 start = time.perf_counter()
 for _ in range(50):
-    shard_batch(next(batches), mesh)
+    batch = shard_batch(next(batches), mesh)
+jax.block_until_ready(batch)
 print(f"{(time.perf_counter() - start) / 50 * 1e3:.2f} {c.train.steps}")
 EOF
 )
