@@ -49,28 +49,29 @@ def demo_batches(config, workdir):
                                   windows_per_row=config.train.windows_per_row)
 
 
-def jax_runner(config, dataset, batches):
-    """run(count) for the jitted step, warmed up; its compiled FLOPs; its parameter count."""
+def jax_runner(config, dataset, timed):
+    """run(count) for the jitted step on the ``timed`` batches in turn, warmed up; its compiled FLOPs; its
+    parameter count."""
     model = build_agent(config, dataset)
     mesh = make_mesh()
     state = create_state(model, config, mesh)
     step = make_train_step(model, mesh, config.seed)
-    data = [shard_batch(batches.batch_at(i), mesh) for i in range(4)]
+    data = [shard_batch(batch, mesh) for batch in timed]
     step = step.lower(state, data[0]).compile()  # compiled once: it runs the steps and counts their FLOPs
     flops = (step.cost_analysis() or {}).get("flops", float("nan"))
 
     def run(count):
         nonlocal state
         for i in range(count):
-            state, metrics = step(state, data[i % 4])
+            state, metrics = step(state, data[i % len(data)])
         jax.block_until_ready(metrics)
 
     run(3)  # warm-up
     return run, flops, sum(x.size for x in jax.tree.leaves(state.params))
 
 
-def torch_runner(config, dataset, batches):
-    """run(count) for the eager PyTorch step, warmed up; its parameter count."""
+def torch_runner(config, dataset, timed):
+    """run(count) for the eager PyTorch step on the ``timed`` batches in turn, warmed up; its parameter count."""
     import torch
 
     from benchmarks.torch_agent import TorchAgent, torch_step
@@ -81,12 +82,11 @@ def torch_runner(config, dataset, batches):
     model = TorchAgent(config.model, dataset.tokenizer.size, dataset.max_instruction_length).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.learning_rate,
                                   weight_decay=config.train.weight_decay)
-    data = [{k: torch.from_numpy(np.asarray(v)).to(device) for k, v in batches.batch_at(i).items()}
-            for i in range(4)]
+    data = [{k: torch.from_numpy(np.asarray(v)).to(device) for k, v in batch.items()} for batch in timed]
 
     def run(count):
         for i in range(count):
-            loss = torch_step(model, optimizer, data[i % 4], config.train.grad_clip, autocast)
+            loss = torch_step(model, optimizer, data[i % len(data)], config.train.grad_clip, autocast)
         float(loss)  # waits for the device
 
     run(3)  # warm-up
@@ -142,10 +142,11 @@ def main(_):
     backend = jax.default_backend()
     with tempfile.TemporaryDirectory() as workdir:
         dataset, batches = demo_batches(config, workdir)
+        timed = [batches.batch_at(i) for i in range(4)]  # both sides step through the same four batches
         contenders = {}  # name: (run(count), parameter count); the first is the reference
         if TORCH.value:
-            contenders["PyTorch eager (ref)"] = torch_runner(config, dataset, batches)
-        run_jax, flops, jax_params = jax_runner(config, dataset, batches)
+            contenders["PyTorch eager (ref)"] = torch_runner(config, dataset, timed)
+        run_jax, flops, jax_params = jax_runner(config, dataset, timed)
         contenders["JAX jitted step"] = (run_jax, jax_params)
         steps = STEPS.value
         best = interleaved_best_seconds({name: lambda run=run: run(steps) for name, (run, _) in contenders.items()},
@@ -153,7 +154,7 @@ def main(_):
         per_step = {name: seconds / steps for name, seconds in best.items()}
         jax_s, reference = per_step["JAX jitted step"], next(iter(per_step.values()))
         b = config.train.batch_size
-        real = np.mean([batches.batch_at(i)["mask"].sum() for i in range(4)])  # the timed batches' real steps
+        real = np.mean([batch["mask"].sum() for batch in timed])
         print(f"device: {jax.devices()[0].device_kind} ({backend}), batch {b} rows x {config.model.context} steps, "
               f"at most {config.train.windows_per_row} window(s) per row, {real / (b * config.model.context):.0%} real steps")
         print(f"{'':24s} {'params':>9s} {'ms/step':>8s} {'samples/s':>10s} {'real steps/s':>13s} {'ratio':>6s}")
