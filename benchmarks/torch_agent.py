@@ -94,7 +94,11 @@ class TorchAgent(nn.Module):
         rank = (used.cumsum(0) - 1).view(rows, windows)  # row and slot -> index in z
         z = z[rank.gather(1, segment)]  # each step's instruction vector [B, T, D]
         steps = self.observation(batch["image"], batch["direction"], z)
-        x = steps + self.step_position[batch["position"].long()] + z
+        return self.act(steps, z, segment, batch["position"].long())
+
+    def act(self, steps, z, segment, position):
+        """Action logits from a row's step vectors: causal attention within each packed window."""
+        x = steps + self.step_position[position] + z
         t = x.shape[1]
         causal = torch.triu(torch.ones(t, t, dtype=torch.bool, device=x.device), diagonal=1)
         blocked = causal | (segment[:, :, None] != segment[:, None, :])  # True: may not attend

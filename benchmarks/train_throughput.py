@@ -2,6 +2,7 @@
 
     python -m benchmarks.train_throughput                 # this machine's default device
     python -m benchmarks.train_throughput --sharding_check # also 1 vs 8 forced CPU devices
+    python -m benchmarks.train_throughput --pathways       # also each pathway's forward+backward alone
 
 Both sides train the model of configs/default.py (or configs/paper.py with --model=paper) (same widths,
 layers, heads, parameter count) on the same batches of real demo windows, packed into rows as the config
@@ -25,7 +26,15 @@ from absl import app, flags
 from benchmarks.timing import interleaved_best_seconds
 from configs.default import get_config
 from configs.paper import get_config as paper_config
-from lvaa_jax.agent.train import build_agent, create_state, make_mesh, make_train_step, shard_batch
+from lvaa_jax.agent.model import Agent
+from lvaa_jax.agent.train import (
+    build_agent,
+    create_state,
+    init_params,
+    make_mesh,
+    make_train_step,
+    shard_batch,
+)
 from lvaa_jax.babyai import WindowBatches, make_demos
 from lvaa_jax.cli import restart_on_huge_pages
 
@@ -36,6 +45,7 @@ BATCH = flags.DEFINE_integer("batch_size", 0, "Rows per step (0: the config's)."
 PACK = flags.DEFINE_integer("windows_per_row", 0, "Windows packed per row (0: the config's).")
 DTYPE = flags.DEFINE_string("dtype", "float32", "JAX activation dtype: float32 or bfloat16.")
 TORCH = flags.DEFINE_bool("torch", True, "Measure the PyTorch reference too.")
+PATHWAYS = flags.DEFINE_bool("pathways", False, "Also time each pathway's forward+backward alone, JAX vs PyTorch.")
 SHARDING = flags.DEFINE_bool("sharding_check", False, "Compare the step on 1 vs 8 forced CPU devices.")
 SHARDING_CHILD = flags.DEFINE_bool("sharding_child", False, "Internal: run the 1-vs-8 comparison here.")
 
@@ -70,14 +80,21 @@ def jax_runner(config, dataset, timed):
     return run, flops, sum(x.size for x in jax.tree.leaves(state.params))
 
 
+def torch_device(config):
+    """The PyTorch reference's device (CUDA where there is one) and autocast dtype (None: float32)."""
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device, torch.bfloat16 if config.model.dtype == "bfloat16" else None
+
+
 def torch_runner(config, dataset, timed):
     """run(count) for the eager PyTorch step on the ``timed`` batches in turn, warmed up; its parameter count."""
     import torch
 
     from benchmarks.torch_agent import TorchAgent, torch_step
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    autocast = torch.bfloat16 if config.model.dtype == "bfloat16" else None
+    device, autocast = torch_device(config)
     torch.manual_seed(0)
     model = TorchAgent(config.model, dataset.tokenizer.size, dataset.max_instruction_length).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.learning_rate,
@@ -93,17 +110,88 @@ def torch_runner(config, dataset, timed):
     return run, sum(p.numel() for p in model.parameters())
 
 
-def matmul_rate(dtype) -> float:
-    """FLOP/s of a large square matmul on the default device: the ceiling MFU is measured against."""
-    n = 8192
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
-    jax.block_until_ready(f(a))
-    start = time.perf_counter()
-    for _ in range(10):
-        out = f(a)
-    jax.block_until_ready(out)
-    return 2 * n**3 * 10 / (time.perf_counter() - start)
+def pathway_runners(config, dataset, batch) -> tuple[dict[str, dict[str, object]], dict[str, float]]:
+    """{pathway: {"PyTorch": run(count), "JAX": run(count)}}, and the JAX side's compiled FLOPs per pathway.
+
+    Forward and backward (of the sum of squared outputs) of each pathway alone, on the instructions,
+    observations and packing of ``batch``, the same random step and instruction vectors on both sides, no
+    optimiser update: says where in the step one framework gains on the other."""
+    import torch
+
+    from benchmarks.torch_agent import TorchAgent
+
+    model = build_agent(config, dataset)
+    params = init_params(model, config.seed)
+    device, autocast = torch_device(config)
+    torch.manual_seed(0)
+    reference = TorchAgent(config.model, dataset.tokenizer.size, dataset.max_instruction_length).to(device)
+    length = batch["tokens"].shape[-1]
+    used = batch["token_mask"].reshape(-1, length).any(-1)  # the instruction slots the step encodes
+    rng = np.random.default_rng(0)
+    steps, z = (rng.standard_normal((*batch["segment"].shape, model.width), np.float32) for _ in range(2))
+    inputs = {"tokens": batch["tokens"].reshape(-1, length)[used],
+              "token_mask": batch["token_mask"].reshape(-1, length)[used], "image": batch["image"],
+              "direction": batch["direction"], "segment": batch["segment"], "position": batch["position"],
+              "steps": steps, "z": z}
+    t = {k: torch.from_numpy(np.asarray(v)).to(device) for k, v in inputs.items()}
+    jax_pathways = {
+        "instruction encoder": lambda p: model.apply(
+            {"params": p}, inputs["tokens"], inputs["token_mask"], method=Agent.embed_instruction)[-1],
+        "observation encoder": lambda p: model.apply(
+            {"params": p}, inputs["image"], inputs["direction"], z, method=Agent.observe),
+        "memory and head": lambda p: model.apply(
+            {"params": p}, steps, z, inputs["segment"], inputs["position"], method=Agent.act),
+    }
+    torch_pathways = {
+        "instruction encoder": lambda: reference.embed_instruction(t["tokens"].long(), t["token_mask"]),
+        "observation encoder": lambda: reference.observation(t["image"], t["direction"], t["z"]),
+        "memory and head": lambda: reference.act(t["steps"], t["z"], t["segment"].long(), t["position"].long()),
+    }
+
+    compiled = {name: jax.jit(jax.grad(lambda p, f=f: (f(p) ** 2).sum())).lower(params).compile()
+                for name, f in jax_pathways.items()}
+
+    def jax_run(grad):
+        def run(count):
+            for _ in range(count):
+                out = grad(params)
+            jax.block_until_ready(out)
+        return run
+
+    def torch_run(pathway):
+        def run(count):
+            for _ in range(count):
+                reference.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                    out = pathway()
+                loss = (out.float() ** 2).sum()
+                loss.backward()
+            float(loss.detach())  # waits for the device
+        return run
+
+    runners = {name: {"PyTorch": torch_run(torch_pathways[name]), "JAX": jax_run(compiled[name])}
+               for name in jax_pathways}
+    for pair in runners.values():
+        for run in pair.values():
+            run(2)  # warm-up
+    return runners, {name: (c.cost_analysis() or {}).get("flops", float("nan")) for name, c in compiled.items()}
+
+
+def matmul_rate(dtype, m: int = 8192, k: int = 8192, n: int = 8192, repeats: int = 10) -> float:
+    """FLOP/s of an [m, k] x [k, n] matmul on the default device, best of three timings of ``repeats``
+    calls. The 8192^3 default is the ceiling MFU is measured against."""
+    a = jax.random.normal(jax.random.key(0), (m, k), dtype)
+    b = jax.random.normal(jax.random.key(1), (k, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    jax.block_until_ready(f(a, b))
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = f(a, b)
+        jax.block_until_ready(out)
+        best = min(best, time.perf_counter() - start)
+    return 2 * m * k * n * repeats / best
 
 
 def sharding_child():
@@ -166,6 +254,19 @@ def main(_):
             peak = matmul_rate(jnp.bfloat16 if DTYPE.value == "bfloat16" else jnp.float32)
             print(f"model FLOPs utilisation: {flops / jax_s / peak:.1%} of the {peak / 1e12:.0f} TFLOP/s "
                   f"{DTYPE.value} 8192^3 matmul measured here")
+        if PATHWAYS.value:
+            print("each pathway alone, forward + backward (ms):")
+            runners, pathway_flops = pathway_runners(config, dataset, timed[0])
+            tokens, width = b * config.model.context, config.model.width
+            ceiling = matmul_rate(jnp.float32, tokens, width, 4 * width, repeats=100)
+            print(f"  (a step MLP's [{tokens}, {width}] x [{width}, {4 * width}] float32 matmul alone: "
+                  f"{ceiling / 1e9:.0f} GFLOP/s)")
+            for name, pair in runners.items():
+                best = interleaved_best_seconds({side: lambda run=run: run(steps) for side, run in pair.items()},
+                                                ROUNDS.value)
+                torch_ms, jax_ms = (best[side] / steps * 1e3 for side in ("PyTorch", "JAX"))
+                print(f"  {name:20s} PyTorch {torch_ms:6.1f}  JAX {jax_ms:6.1f}  {torch_ms / jax_ms:5.2f}x   "
+                      f"JAX {pathway_flops[name] / 1e9:.2f} GFLOP at {pathway_flops[name] / jax_ms / 1e6:.0f} GFLOP/s")
     if SHARDING.value:
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
         result = subprocess.run([sys.executable, "-m", "benchmarks.train_throughput", "--sharding_child"], env=env, capture_output=True,
