@@ -258,8 +258,9 @@ def main(_):
             print("each pathway alone, forward + backward (ms):")
             runners, pathway_flops = pathway_runners(config, dataset, timed[0])
             tokens, width = b * config.model.context, config.model.width
-            ceiling = matmul_rate(jnp.float32, tokens, width, 4 * width, repeats=100)
-            print(f"  (a step MLP's [{tokens}, {width}] x [{width}, {4 * width}] float32 matmul alone: "
+            hidden = width * config.model.mlp_ratio
+            ceiling = matmul_rate(jnp.dtype(DTYPE.value), tokens, width, hidden, repeats=100)
+            print(f"  (a step MLP's [{tokens}, {width}] x [{width}, {hidden}] {DTYPE.value} matmul alone: "
                   f"{ceiling / 1e9:.0f} GFLOP/s)")
             for name, pair in runners.items():
                 best = interleaved_best_seconds({side: lambda run=run: run(steps) for side, run in pair.items()},
