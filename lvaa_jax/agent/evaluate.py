@@ -9,12 +9,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from lvaa_jax.agent.model import Agent, instruction_embedding
 from lvaa_jax.babyai import Tokenizer, episode_seed, make_env
 from lvaa_jax.babyai.levels import quiet
 from lvaa_jax.files import append_csv, write_json
+from lvaa_jax.progress import progress_bar
 
 
 def _bucket(n: int) -> int:
@@ -48,7 +48,7 @@ def evaluate(
     limit = np.asarray([env.unwrapped.max_steps for env in envs])
     if max_steps > 0:
         limit = np.minimum(limit, max_steps)
-    with tqdm(total=n, desc="evaluate", unit="ep", disable=not progress) as bar:
+    with progress_bar(total=n, desc="evaluate", unit="ep", disable=not progress) as bar:
         while not done.all():
             live = np.flatnonzero(~done)
             rows = np.concatenate([live, np.full(_bucket(len(live)) - len(live), live[0])])

@@ -17,7 +17,6 @@ import numpy as np
 import optax
 from flax.training.train_state import TrainState
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from tqdm.auto import tqdm
 
 from lvaa_jax.agent.checkpoint import Checkpoints, check_compatible
 from lvaa_jax.agent.evaluate import evaluate, write_evaluation
@@ -25,6 +24,7 @@ from lvaa_jax.agent.model import POOLINGS, Agent
 from lvaa_jax.babyai import DemoDataset, WindowBatches, load_demos
 from lvaa_jax.errors import LvaaError
 from lvaa_jax.files import append_csv, write_csv
+from lvaa_jax.progress import progress_bar
 
 log = logging.getLogger(__name__)
 Batch = dict[str, jax.Array]
@@ -160,7 +160,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, p
     pending: list[dict] = []
     tick = time.perf_counter()
     try:
-        with tqdm(total=train.steps, initial=start, desc="train", unit="step", disable=not progress) as bar:
+        with progress_bar(total=train.steps, initial=start, desc="train", unit="step", disable=not progress) as bar:
             for step in range(start + 1, train.steps + 1):
                 state, metrics = train_step(state, shard_batch(next(batches), mesh))
                 if pending:

@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from tqdm.auto import tqdm
 
 from lvaa_jax.alignment import report
 from lvaa_jax.alignment.knn import (
@@ -42,6 +41,7 @@ from lvaa_jax.alignment.stats import (
 )
 from lvaa_jax.embeddings.table import EmbeddingTable, load_table
 from lvaa_jax.errors import LvaaError
+from lvaa_jax.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def align_tables(tables: Mapping[str, EmbeddingTable], config: ml_collections.Co
     big_k = max(s.k, *s.sweep)
     items = [(name, layer) for name, count in zip(names, num_layers, strict=True) for layer in range(count)]
     neighbours = []
-    for name, layer in tqdm(items, desc="neighbours", leave=False):
+    for name, layer in progress_bar(items, desc="neighbours", leave=False):
         x, label = space(name, layer)
         neighbours.append(knn_indices(x, big_k, block_size=s.block_size, name=label))
     indices = jnp.stack(neighbours)

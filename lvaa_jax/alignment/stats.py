@@ -11,10 +11,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from lvaa_jax.alignment.knn import knn_indices, overlap_counts, overlap_totals
 from lvaa_jax.alignment.spaces import check_k, check_same_n, check_space
+from lvaa_jax.progress import progress_bar
 
 _CHUNK_BYTES = 1 << 28  # per-chunk working set of the batched kernels
 _MAX_CHUNK = 64  # draws per kernel call
@@ -27,7 +27,7 @@ def map_chunks(fn: Callable[[jax.Array], jax.Array], total: int, chunk: int, des
     total; callers pick ``chunk`` from memory alone for the same reason.
     """
     out = []
-    with tqdm(total=total, desc=desc, leave=False) as bar:
+    with progress_bar(total=total, desc=desc, leave=False) as bar:
         for start in range(0, total, chunk):
             out.append(np.asarray(fn(jnp.arange(start, start + chunk)))[: total - start])
             bar.update(len(out[-1]))

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import minigrid
 import ml_collections
-from tqdm.auto import tqdm
 
 from lvaa_jax.babyai.dataset import (
     FORMAT_VERSION,
@@ -31,6 +30,7 @@ from lvaa_jax.babyai.rollout import level_missions, roll_episodes
 from lvaa_jax.babyai.tokenizer import Tokenizer
 from lvaa_jax.errors import LvaaError
 from lvaa_jax.files import sha256_file, write_json
+from lvaa_jax.progress import progress_bar
 
 log = logging.getLogger(__name__)
 SETTINGS = "settings.json"
@@ -87,7 +87,7 @@ def make_demos(config: ml_collections.ConfigDict, workdir: str | Path, progress:
             submit(_make_shard, demos / shard_name(i), levels, jobs[i * size : (i + 1) * size], settings["seed"], mission_ids)
             for i in todo
         ]
-        with tqdm(total=len(jobs), initial=len(jobs) - sum(len(jobs[i * size : (i + 1) * size]) for i in todo),
+        with progress_bar(total=len(jobs), initial=len(jobs) - sum(len(jobs[i * size : (i + 1) * size]) for i in todo),
                   unit="ep", desc="expert demos", disable=not progress) as bar:
             for done in futures.as_completed(pending):
                 bar.update(done.result())
@@ -126,7 +126,7 @@ def _write_missions(demos: Path, settings: dict, submit: Callable, progress: boo
         submit(level_missions, level, settings["seed"], settings["episodes_per_level"], settings["census_resets"])
         for level in settings["levels"]
     ]
-    for _ in tqdm(futures.as_completed(pending), total=len(pending), desc="mission census", unit="level",
+    for _ in progress_bar(futures.as_completed(pending), total=len(pending), desc="mission census", unit="level",
                   disable=not progress):
         pass
     by_level = {level: done.result() for level, done in zip(settings["levels"], pending, strict=True)}

@@ -18,12 +18,12 @@ from typing import Any
 
 import ml_collections
 import numpy as np
-from tqdm.auto import tqdm
 
 from lvaa_jax.embeddings.controls import bag_of_words, check_instructions, random_gaussian
 from lvaa_jax.embeddings.table import instructions_hash, read_meta, save_table
 from lvaa_jax.errors import LvaaError
 from lvaa_jax.files import sha256_file, write_json
+from lvaa_jax.progress import progress_bar
 
 log = logging.getLogger(__name__)
 CONTROLS = ("untrained_agent", "bag_of_words", "random")
@@ -129,7 +129,7 @@ def embed_instructions(config: ml_collections.ConfigDict, workdir: str | Path, p
                     len(flags["unseen_in_training"]), len(instructions), out / "instructions.json")
     spaces = build_spaces(config, workdir, instructions)
     tables = {}
-    for space in tqdm(spaces, desc="embedding spaces", unit="space", disable=not progress):
+    for space in progress_bar(spaces, desc="embedding spaces", unit="space", disable=not progress):
         path = out / f"{space.name}.npz"
         saved = read_meta(path)
         identity = {**space.identity, "instructions_sha256": flags["sha256"]}
