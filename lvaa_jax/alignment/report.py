@@ -7,13 +7,16 @@ backend state.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def _plain(value):
@@ -55,37 +58,47 @@ def write_records(out_dir: Path, stem: str, records: Sequence[Mapping], **extra)
 
 
 def heatmap(path: Path, names: Sequence[str], matrix: np.ndarray, title: str) -> None:
-    """An annotated M x M heatmap; the colour scale is fixed to [0, 1] when every value lies in it."""
+    """An annotated M x M heatmap; the colour scale is fixed to [0, 1] when every value lies in it. Labels and
+    values shrink as M grows, so that a panel of 10-20 spaces stays readable."""
     matrix = np.asarray(matrix, dtype=float)
     finite = matrix[np.isfinite(matrix)]
     unit = finite.size and finite.min() >= 0 and finite.max() <= 1
-    size = 1.6 + 0.7 * len(names)
+    m = len(names)
+    size = 1.6 + 0.7 * m
     fig = Figure(figsize=(size + 1.2, size), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(matrix, cmap="viridis", vmin=0 if unit else None, vmax=1 if unit else None)
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), names)
-    if len(names) <= 12:
+    label_size = 9 if m <= 10 else 7
+    ax.set_xticks(range(m), names, rotation=45, ha="right", fontsize=label_size)
+    ax.set_yticks(range(m), names, fontsize=label_size)
+    if m <= 20:
         middle = np.nanmean(finite) if finite.size else 0
         for (i, j), v in np.ndenumerate(matrix):
             colour = "black" if v > middle else "white"
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color=colour)
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8 if m <= 10 else 6, color=colour)
     ax.set_title(title)
     fig.colorbar(image, ax=ax)
     fig.savefig(path, dpi=120)
 
 
 def layer_curves(path: Path, space: str, curves: Mapping[str, Sequence[float]], chance: float, k: int) -> None:
-    """precision@k of every layer of ``space`` against each other space (at that space's last layer)."""
-    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    """precision@k of every layer of ``space`` against each other space (at that space's last layer). Layers
+    are integers, so are the ticks; with many spaces the legend goes beside the axes in two columns."""
+    many = len(curves) > 8
+    fig = Figure(figsize=(8.4 if many else 6.4, 4.0), layout="constrained")
     ax = fig.subplots()
-    for other, values in curves.items():
-        ax.plot(range(len(values)), values, marker="o", markersize=3, label=other)
+    colours = matplotlib.colormaps["tab20" if len(curves) > 10 else "tab10"].colors
+    for colour, (other, values) in zip(itertools.cycle(colours), curves.items()):
+        ax.plot(range(len(values)), values, marker="o", markersize=3, label=other, color=colour)
     ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance k/(N-1)")
-    ax.set_xlabel(f"layer of {space}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(f"layer of {space} (0: input embeddings)")
     ax.set_ylabel(f"precision@{k}")
     ax.set_title(f"{space}: alignment by layer")
-    ax.legend(fontsize=8)
+    if many:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncols=2 if len(curves) > 16 else 1)
+    else:
+        ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)
 
 
