@@ -27,7 +27,9 @@ def split(data, cuts):
 
 
 def make_site(tmp_path, monkeypatch):
-    """A folder first on sys.path (for this test only) to install fake distributions into."""
+    """A folder first on sys.path to install fake distributions into, and a private cache to join them
+    into (for this test only)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     folder = tmp_path / "site"
     folder.mkdir()
     monkeypatch.syspath_prepend(str(folder))

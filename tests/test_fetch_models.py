@@ -11,11 +11,6 @@ from lvaa_jax.embeddings import fetch, sources
 from lvaa_jax.errors import LvaaError
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-
-
 @pytest.fixture
 def site(tmp_path, monkeypatch):
     return make_site(tmp_path, monkeypatch)
@@ -113,7 +108,8 @@ def test_unknown_sources_are_named():
         fetch.plan(panel("package:nope"))
 
 
-def test_script_dry_run_and_errors(tmp_path):
+def test_script_dry_run_and_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     result = run_script("fetch_models.py", "--panel=offline_wide", "--dry_run")
     assert result.returncode == 0, result.stderr
     assert "would join parts:nomic-embed-text-v1.5-f16 (12 parts, 1,039 MB)" in result.stdout  # a private cache

@@ -16,11 +16,6 @@ from lvaa_jax.embeddings.spec import ModelSpec
 from lvaa_jax.errors import LvaaError
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-
-
 @pytest.fixture
 def site(tmp_path, monkeypatch):
     return make_site(tmp_path, monkeypatch)
