@@ -40,6 +40,13 @@ def initialize_distributed(distributed_flag: flags.FlagHolder) -> None:
 
 def resolve(config_flag: flags.FlagHolder, workdir_flag: flags.FlagHolder) -> tuple[ml_collections.ConfigDict, Path]:
     """The loaded config and the run folder; a config that failed to load becomes a one-line error."""
+    config = loaded_config(config_flag)
+    workdir = Path(workdir_flag.value or Path("runs") / config.name)
+    return config, workdir
+
+
+def loaded_config(config_flag: flags.FlagHolder) -> ml_collections.ConfigDict:
+    """The config of a ``--config`` flag; one that failed to load becomes a one-line error."""
     config = config_flag.value
     if not isinstance(config, ml_collections.ConfigDict):
         try:
@@ -47,8 +54,7 @@ def resolve(config_flag: flags.FlagHolder, workdir_flag: flags.FlagHolder) -> tu
         except Exception as e:  # noqa: BLE001 - re-raised as a user error
             raise LvaaError(f"--config: {_first_line(e)}") from None
         raise LvaaError(f"--config: {config!r} is not a ConfigDict (does get_config return one?)")
-    workdir = Path(workdir_flag.value or Path("runs") / config.name)
-    return config, workdir
+    return config
 
 
 def _first_line(error: BaseException) -> str:

@@ -77,7 +77,7 @@ def encode_in_batches(encode_batch: Callable[[list[str]], np.ndarray], spec: Mod
     order = np.argsort([len(t) for t in items], kind="stable")
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     label = spec.name or spec.source
-    chunks = [encode_batch([items[j] for j in b])
+    chunks = [encode_batch([spec.prefix + items[j] for j in b])
               for b in progress_bar(batches, desc=f"embed {label}", unit="batch", disable=not progress)]
     pooled = np.concatenate(chunks, axis=-2)
     embeddings = np.empty_like(pooled)
@@ -105,6 +105,7 @@ def space_meta(spec: Any) -> dict[str, Any]:
         "resolved_path": str(located.folder or ""),
         "gguf_file": located.gguf_file,
         "weights_sha256": {f.name: sources.file_sha256(f) for f in files},
+        **({"prefix": spec.prefix} if spec.prefix else {}),  # absent when empty: older tables stay valid
         "transformers_version": transformers.__version__,
         "torch_version": importlib.metadata.version("torch"),
     }

@@ -34,6 +34,7 @@ class ModelSpec:
     gguf_file: str = ""
     revision: str = ""
     dtype: str = "float32"
+    prefix: str = ""  # put before every instruction, where a model's card asks for a task prefix
     name: str = ""
 
     def __post_init__(self) -> None:
