@@ -13,6 +13,7 @@ from configs.default import get_config
 from lvaa_jax.embeddings import embed_instructions, load_table
 from lvaa_jax.errors import LvaaError
 from lvaa_jax.pipeline import STAGES, headline, run_pipeline
+from lvaa_jax.runlock import LOCK_FILE
 
 pytest.importorskip("transformers")
 from tiny_models import tiny_decoder  # noqa: E402
@@ -69,7 +70,7 @@ def test_rerun_skips_every_stage(study):
     run_pipeline(config, workdir, progress=False)
     after = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file() and "logs" not in p.parts}
     changed = {p.relative_to(workdir) for p in after if before.get(p) != after[p]}
-    assert changed == {Path("pipeline.json"), Path("embeddings/instructions.json")}
+    assert changed == {Path("pipeline.json"), Path("embeddings/instructions.json"), Path(LOCK_FILE)}
     assert json.loads((workdir / "pipeline.json").read_text())["runs"][1]["seconds"]["train"] < 30
 
 
