@@ -110,7 +110,7 @@ class Checkpoints:
         try:
             with _errors_raised_not_logged():
                 self.manager.save(
-                step,
+                    step,
                     args=ocp.args.Composite(
                         state=ocp.args.StandardSave(_saved_part(state)), data=ocp.args.JsonSave(batches.state())
                     ),
