@@ -24,9 +24,9 @@ from configs import paper
 from configs.default import get_config
 from lvaa_jax import files
 from lvaa_jax.agent import restore_agent, train_and_evaluate
-from lvaa_jax.agent.checkpoint import DAMAGED, FILES, damage
+from lvaa_jax.agent.checkpoint import DAMAGED, FILES, damage, open_manager, restore_newest
 from lvaa_jax.agent.checkpoint import storage_error as tensorstore_error
-from lvaa_jax.agent.train import check_settings
+from lvaa_jax.agent.train import build_agent, check_settings, create_state, make_mesh
 from lvaa_jax.babyai import load_demos, make_demos
 from lvaa_jax.babyai.generate import demo_settings
 from lvaa_jax.cli import storage_error
@@ -103,14 +103,26 @@ def test_training_resumes_exactly_from_the_newest_intact_checkpoint(trained_run,
 
 def test_a_checkpoint_orbax_cannot_read_is_skipped_without_its_record(trained_run, tmp_path, caplog):
     """No files.json (a run killed between orbax's commit and the record): orbax's own failure is the sign."""
-    _, workdir, _, _ = trained_run
+    config, workdir, dataset, _ = trained_run
     copy_run(workdir, tmp_path)
     (tmp_path / "checkpoints" / "20" / FILES).unlink()
     cut_short(tmp_path / "checkpoints" / "20" / "state" / "manifest.ocdbt")
-    with caplog.at_level(logging.WARNING, "lvaa_jax"):
-        agent = restore_agent(tmp_path)
-    assert agent.step == 10
+    state = create_state(build_agent(config, dataset), config, make_mesh())
+    with caplog.at_level(logging.WARNING, "lvaa_jax"), open_manager(tmp_path / "checkpoints") as manager:
+        step, restored, damaged = restore_newest(manager, state, with_data=True)
+    assert (step, restored["data"], damaged) == (10, {"position": 10}, [20])
     assert "the checkpoint at step 20 is damaged (orbax could not read it" in caplog.text
+
+
+def test_embedding_refuses_a_damaged_newest_checkpoint(trained_run, tmp_path):
+    """Embedding an older agent would put it under the run's name: training restores the newest first."""
+    _, workdir, _, _ = trained_run
+    copy_run(workdir, tmp_path)
+    cut_short(tmp_path / "checkpoints" / "20" / "state" / "_METADATA")
+    with pytest.raises(LvaaError, match=r"the newest checkpoint \(step 20\) is damaged \(see the warning above\); "
+                                        "run scripts/train.py with this run's config again: it trains from step 10"):
+        restore_agent(tmp_path)
+    assert restore_agent(tmp_path, step=10).step == 10
 
 
 def test_no_intact_checkpoint_is_one_line(trained_run, tmp_path):

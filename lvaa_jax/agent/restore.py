@@ -32,9 +32,9 @@ class RestoredAgent:
 
 
 def restore_agent(workdir: str | Path, step: int | None = None, trained: bool = True) -> RestoredAgent:
-    """The agent of ``<workdir>``: its newest intact checkpoint (a damaged newer one is skipped with a
-    warning) or ``step``, or with ``trained=False`` the same architecture at its initial parameters (the
-    untrained control)."""
+    """The agent of ``<workdir>``: its newest checkpoint (or ``step``), or with ``trained=False`` the same
+    architecture at its initial parameters (the untrained control). A damaged newest checkpoint is a
+    one-line error pointing to training, which restores it exactly: the run's agent is the newest one."""
     workdir = Path(workdir)
     directory = (workdir / "checkpoints").absolute()
     config = saved_config(directory)
@@ -49,5 +49,10 @@ def restore_agent(workdir: str | Path, step: int | None = None, trained: bool = 
         found = restore_newest(manager, state, with_data=False, steps=None if step is None else [step])
     if found is None:
         raise LvaaError(f"{directory}: no checkpoint; train first")
-    step, restored, _ = found
+    step, restored, damaged = found
+    if damaged:  # an older agent than the run's would be embedded under the run's name
+        raise LvaaError(
+            f"{directory}: the newest checkpoint (step {damaged[0]}) is damaged (see the warning above); run "
+            f"scripts/train.py with this run's config again: it trains from step {step} to the same parameters"
+        )
     return RestoredAgent(model, restored["state"]["params"], dataset.tokenizer, config, int(step))
