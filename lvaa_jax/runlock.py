@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from lvaa_jax.errors import LvaaError
+from lvaa_jax.files import naming
 
 log = logging.getLogger(__name__)
 LOCK_FILE = "run.lock"
@@ -99,8 +100,13 @@ def _acquire(workdir: Path) -> int:
         "pid": os.getpid(), "host": socket.gethostname(), "command": shlex.join(sys.argv),
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+    try:
+        with naming(path):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+    except OSError:
+        os.close(fd)
+        raise
     return fd
 
 

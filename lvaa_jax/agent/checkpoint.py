@@ -25,7 +25,7 @@ from flax.training.train_state import TrainState
 
 from lvaa_jax.babyai import WindowBatches
 from lvaa_jax.errors import LvaaError
-from lvaa_jax.files import read_json, sha256_file, write_json
+from lvaa_jax.files import naming, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
@@ -107,8 +107,9 @@ class Checkpoints:
         return state.replace(**restored["state"])
 
     def save(self, step: int, state: TrainState, batches: WindowBatches) -> None:
+        step_dir = Path(self.manager.directory) / str(step)
         try:
-            with _errors_raised_not_logged():
+            with naming(step_dir), _errors_raised_not_logged():
                 self.manager.save(
                     step,
                     args=ocp.args.Composite(
@@ -118,7 +119,7 @@ class Checkpoints:
                 self.manager.wait_until_finished()
         except Exception as error:
             raise storage_error(error, self.manager.directory) or error from None
-        record_files(Path(self.manager.directory) / str(step))
+        record_files(step_dir)
 
     def close(self) -> None:
         self.manager.wait_until_finished()

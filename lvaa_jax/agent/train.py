@@ -32,7 +32,7 @@ from lvaa_jax.config_checks import (
     check_section,
 )
 from lvaa_jax.errors import LvaaError
-from lvaa_jax.files import append_csv, drop_rows_after
+from lvaa_jax.files import append_csv, drop_rows_after, naming
 from lvaa_jax.runlock import holds_run_folder
 
 log = logging.getLogger(__name__)
@@ -256,9 +256,11 @@ class MetricsWriter:
             drop_rows_after(path, resume_step)
 
     def write(self, step: int, values: dict[str, float], split: str) -> None:
-        for k, v in values.items():
-            self.tensorboard.add_scalar(f"{split}/{k}", v, step)
+        with naming(self.directory):  # tensorboardX's writes name no file
+            for k, v in values.items():
+                self.tensorboard.add_scalar(f"{split}/{k}", v, step)
         append_csv(self.directory / f"{split}.csv", {"step": step, **{k: f"{v:.6g}" for k, v in values.items()}})
 
     def close(self) -> None:
-        self.tensorboard.close()
+        with naming(self.directory):
+            self.tensorboard.close()
