@@ -39,6 +39,7 @@ from lvaa_jax.alignment.stats import (
     percentile_interval,
     permutation_null,
 )
+from lvaa_jax.distributed import on_process_zero
 from lvaa_jax.embeddings.table import EmbeddingTable, load_table
 from lvaa_jax.errors import LvaaError
 from lvaa_jax.progress import progress_bar
@@ -130,6 +131,10 @@ def align_tables(tables: Mapping[str, EmbeddingTable], config: ml_collections.Co
     ``extra_sections``, heading -> Markdown, appended in order) and ``summary.json`` to ``out_dir``.
 
     ``config`` is the ``align`` section of the study config. Returns the summary (headline numbers).
+
+    In a job of several processes, every process calls it: the neighbour search shares its tiles over the
+    devices of every process; each process then scores the index sets it got back (the same, at the cost of
+    one), and process 0 writes the files.
     """
     if len(tables) < 2:
         raise LvaaError(f"need at least two embedding tables to compare, got {len(tables)}")
@@ -137,7 +142,6 @@ def align_tables(tables: Mapping[str, EmbeddingTable], config: ml_collections.Co
     n = _check_instructions(tables)
     s = Settings.from_config(config, n)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     num_layers = [tables[name].num_layers for name in names]
     key = jax.random.key(s.seed)
 
@@ -183,9 +187,14 @@ def align_tables(tables: Mapping[str, EmbeddingTable], config: ml_collections.Co
     similarities = similarity_matrices(last_spaces, [x[rsa_rows] for x in last_spaces])
 
     summary = _summary(names, tables, n, s, space_pairs, scores, rsa_rows.size)
-    _write(out_dir, summary, names, s, space_pairs, scores, similarities, lp, raw, sweep, num_layers,
-           extra_sections or {})
-    return summary
+
+    def write() -> dict:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write(out_dir, summary, names, s, space_pairs, scores, similarities, lp, raw, sweep, num_layers,
+               extra_sections or {})
+        return summary
+
+    return on_process_zero(write, f"the alignment files in {out_dir}")
 
 
 def _check_instructions(tables: Mapping[str, EmbeddingTable]) -> int:

@@ -1,0 +1,206 @@
+"""A job of two cooperating processes (jax.distributed), each with 4 CPU devices reducing through gloo, on
+the tiny config, against one process of 8 devices (this test session): the same losses at every logged
+step, the same report, each artifact written once; killed and started again, the parameters of the run
+that was not; the neighbour search over the mesh of both processes equals the one of a single process;
+one process's error ends both with the same line. docs/distributed.md describes the job.
+
+Every process gets a timeout: a collective that hangs fails the test, not CI.
+"""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import chex
+import numpy as np
+import pytest
+from multiprocess_worker import KNN_CASES, knn_input
+from tiny_runs import tiny_config
+
+from lvaa_jax.agent import restore_agent
+from lvaa_jax.alignment import knn_indices
+from lvaa_jax.pipeline import run_pipeline
+from lvaa_jax.runlock import LOCK_FILE, hold_run_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--config=configs/default.py:tiny", "--config.data.num_workers=0", "--config.data.episodes_per_level=24",
+        "--config.eval.episodes_per_level=2"]  # tiny_runs.tiny_config, the config of the `trained_run` fixture
+PROCESSES = 2
+TIMEOUT = 400  # seconds for a job: a few minutes on 2 busy cores
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def start_job(script: str, *flags: str, workdirs: list[Path] | None = None,
+              cache: Path | None = None) -> list[subprocess.Popen]:
+    """The processes of one job (``workdirs``: each process's --workdir, when flags hold none)."""
+    port = free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    if cache is not None:  # compiled programs shared by the jobs of a test: their compile time once
+        env |= {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    return [
+        subprocess.Popen(
+            [sys.executable, script, *flags, *([f"--workdir={workdirs[i]}"] if workdirs else []), "--distributed",
+             f"--coordinator_address=localhost:{port}", f"--num_processes={PROCESSES}", f"--process_id={i}"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        for i in range(PROCESSES)
+    ]
+
+
+def finish(job: list[subprocess.Popen], timeout: float = TIMEOUT) -> list[subprocess.CompletedProcess]:
+    deadline = time.monotonic() + timeout
+    done = []
+    for process in job:
+        try:
+            out, err = process.communicate(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            kill(job)
+            pytest.fail(f"the job did not end within {timeout} s (a collective hung?)")
+        done.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    return done
+
+
+def kill(job: list[subprocess.Popen]) -> None:
+    for process in job:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    for process in job:
+        process.communicate()
+
+
+def succeeded(done: list[subprocess.CompletedProcess]) -> None:
+    for i, process in enumerate(done):
+        assert process.returncode == 0, f"process {i}:\n{process.stderr[-3000:]}"
+
+
+def train_rows(workdir: Path) -> list[dict[str, str]]:
+    """metrics/train.csv without its speeds."""
+    with open(workdir / "metrics" / "train.csv") as f:
+        return [{k: v for k, v in row.items() if k != "steps_per_s"} for row in csv.DictReader(f)]
+
+
+def report_body(workdir: Path) -> str:
+    """report.md without its run-metadata section (dates, durations, the run folder)."""
+    return (workdir / "alignment" / "report.md").read_text().split("## Run metadata")[0]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("compiled")
+
+
+@pytest.fixture(scope="module")
+def job_run(tmp_path_factory, cache):
+    """The tiny study by two processes of scripts/run_pipeline.py, started as from a shell."""
+    workdir = tmp_path_factory.mktemp("job") / "run"
+    done = finish(start_job("scripts/run_pipeline.py", *TINY, f"--workdir={workdir}", cache=cache))
+    succeeded(done)
+    return workdir, done
+
+
+def test_two_processes_train_like_one_with_all_the_devices(job_run, trained_run):
+    workdir, _ = job_run
+    one = train_rows(trained_run[1])
+    two = train_rows(workdir)
+    assert [row["step"] for row in two] == [row["step"] for row in one] == ["5", "10", "15", "20"]
+    for key in ("loss", "accuracy", "grad_norm"):  # within 1e-5 (the CSV keeps 6 significant digits)
+        np.testing.assert_allclose([float(r[key]) for r in two], [float(r[key]) for r in one], rtol=1e-5, atol=1e-5)
+
+
+def test_the_report_of_two_processes_is_the_report_of_one(job_run, trained_run, tmp_path):
+    workdir, done = job_run
+    single = tmp_path / "single"
+    shutil.copytree(trained_run[1], single)  # demos and training done: embedding and alignment to go
+    run_pipeline(tiny_config(), single, progress=False)
+    assert report_body(workdir) == report_body(single)
+    summaries = [json.loads((w / "alignment" / "summary.json").read_text()) for w in (workdir, single)]
+    assert [p["a"] + "~" + p["b"] for p in summaries[0]["pairs"]] == [p["a"] + "~" + p["b"] for p in summaries[1]["pairs"]]
+    for two, one in zip(summaries[0]["pairs"], summaries[1]["pairs"], strict=True):
+        for which in ("last", "best"):
+            for key, value in one[which].items():
+                np.testing.assert_allclose(two[which][key], value, atol=1e-6, err_msg=f"{one['a']}~{one['b']} {key}")
+    # Process 0 prints the report's headline; the other prints nothing of its own.
+    assert "precision@5 over N = 36" in done[0].stdout
+    assert "precision@" not in done[1].stdout and "error" not in done[1].stderr
+
+
+def test_each_artifact_is_written_once(job_run):
+    workdir, _ = job_run
+    assert (workdir / LOCK_FILE).read_text() == ""  # released
+    assert not [p for p in workdir.rglob("*") if p.name.endswith(".tmp")]
+    with open(workdir / "eval" / "eval.csv") as f:
+        assert [row["step"] for row in csv.DictReader(f)] == ["20"]
+    assert len(list((workdir / "metrics").glob("events.out.tfevents.*"))) == 1
+    assert [p.name for p in (workdir / "eval").glob("step_*.json")] == ["step_00000020.json"]
+    runs = json.loads((workdir / "pipeline.json").read_text())["runs"]
+    assert len(runs) == 1 and set(runs[0]["seconds"]) == {"demos", "train", "embed", "align"}
+    log = (workdir / "logs" / "pipeline.log").read_text()
+    assert log.count("stage train") == 1 and log.count("written to") == 1
+    for step in ("10", "20"):
+        assert (workdir / "checkpoints" / step / "files.json").exists()
+
+
+def test_a_job_killed_mid_run_resumes_to_the_parameters_of_one_not_killed(job_run, cache, tmp_path):
+    """Both processes SIGKILLed after the first checkpoint, then started again: orbax's collective restore
+    and the data position resume exactly; gloo's sums repeat, so the parameters are equal bit for bit."""
+    uninterrupted, _ = job_run
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    shutil.copytree(uninterrupted / "demos", workdir / "demos")
+    flags = ("scripts/train.py", *TINY, f"--workdir={workdir}")
+    job = start_job(*flags, cache=cache)
+    first = workdir / "checkpoints" / "10" / "files.json"
+    deadline = time.monotonic() + TIMEOUT
+    while not first.exists():
+        if time.monotonic() > deadline or any(p.poll() is not None for p in job):
+            kill(job)
+            pytest.fail("the job ended or hung before its first checkpoint")
+        time.sleep(0.02)
+    kill(job)
+    assert not (workdir / "checkpoints" / "20").exists(), "killed too late to test a resume"
+    succeeded(finish(start_job(*flags, cache=cache)))
+    chex.assert_trees_all_equal(restore_agent(workdir).params, restore_agent(uninterrupted).params)
+    assert train_rows(workdir) == train_rows(uninterrupted)  # each step logged once, as before the kill
+
+
+def test_a_second_job_on_the_folder_is_refused_on_every_process(job_run, tmp_path):
+    workdir, _ = job_run
+    with hold_run_folder(workdir):
+        done = finish(start_job("scripts/train.py", *TINY, f"--workdir={workdir}"))
+    lines = [process.stderr.strip().splitlines()[-1] for process in done]
+    assert [process.returncode for process in done] == [2, 2]
+    assert lines[0] == lines[1] and lines[0].startswith(f"error: {workdir} is in use by pid {os.getpid()}")
+    assert "Traceback" not in done[0].stderr + done[1].stderr
+
+
+def test_neighbours_over_the_mesh_of_two_processes_and_one_error_for_all(tmp_path):
+    """tests/multiprocess_worker.py: knn_indices over 8 devices of 2 processes equals 8 devices of one (this
+    session), on every process; an error of process 0 (on_process_zero) or of any (on_every_process) is
+    raised on both; a process that does not see the folder process 0 locked stops the job."""
+    succeeded(finish(start_job("tests/multiprocess_worker.py", f"--out={tmp_path}",
+                               workdirs=[tmp_path / "held_0", tmp_path / "held_1"])))
+    for case, (n, d, k, block) in KNN_CASES.items():
+        single = np.asarray(knn_indices(knn_input(n, d), k, block_size=block))
+        for process in range(PROCESSES):
+            np.testing.assert_array_equal(np.load(tmp_path / f"knn_{case}_{process}.npy"), single, err_msg=case)
+    zero, one = (json.loads((tmp_path / f"outcomes_{p}.json").read_text()) for p in range(PROCESSES))
+    assert zero["zero_user_error"] == one["zero_user_error"] == "LvaaError: bad setting on 0"
+    assert zero["zero_bug"] == "ValueError: boom"
+    assert one["zero_bug"] == "LvaaError: process 0 stopped on an error (ValueError: boom); see its log"
+    assert zero["zero_result"] == one["zero_result"] == "returned {'answer': [0]}"
+    assert zero["every_user_error"] == one["every_user_error"] == "LvaaError: bad file on 1"
+    assert zero["gather"] == one["gather"] == "returned [0, 10]"
+    assert zero["hold"] == one["hold"]
+    assert "process 1 does not see the lock that process 0 of its job took" in one["hold"]
+    assert (tmp_path / "held_0" / LOCK_FILE).read_text() == ""  # process 0 let it go
