@@ -22,10 +22,13 @@ import chex
 import numpy as np
 import pytest
 from multiprocess_worker import KNN_CASES, knn_input
+from script_runs import run_script, user_error
 from tiny_runs import tiny_config
 
+from lvaa_jax import distributed
 from lvaa_jax.agent import restore_agent
 from lvaa_jax.alignment import knn_indices
+from lvaa_jax.errors import LvaaError
 from lvaa_jax.pipeline import run_pipeline
 from lvaa_jax.runlock import LOCK_FILE, hold_run_folder
 
@@ -149,6 +152,9 @@ def test_each_artifact_is_written_once(job_run):
     assert log.count("stage train") == 1 and log.count("written to") == 1
     for step in ("10", "20"):
         assert (workdir / "checkpoints" / step / "files.json").exists()
+    # Orbax saved collectively: each process wrote its own part, none another's.
+    assert sorted(p.name for p in (workdir / "checkpoints" / "20" / "state").glob("ocdbt.process_*")) == [
+        "ocdbt.process_0", "ocdbt.process_1"]
 
 
 def test_a_job_killed_mid_run_resumes_to_the_parameters_of_one_not_killed(job_run, cache, tmp_path):
@@ -204,3 +210,19 @@ def test_neighbours_over_the_mesh_of_two_processes_and_one_error_for_all(tmp_pat
     assert zero["hold"] == one["hold"]
     assert "process 1 does not see the lock that process 0 of its job took" in one["hold"]
     assert (tmp_path / "held_0" / LOCK_FILE).read_text() == ""  # process 0 let it go
+
+
+@pytest.mark.parametrize(("meeting", "expected"), [
+    (("localhost:1234", 2, None), "--coordinator_address, --num_processes and --process_id go together"),
+    (("localhost", 2, 0), "--coordinator_address=localhost: must be HOST:PORT"),
+    (("localhost:1234", 2, 2), "--process_id=2, --num_processes=2: need 0 <= process_id < num_processes"),
+])
+def test_where_to_meet_is_checked_before_joining(meeting, expected):
+    with pytest.raises(LvaaError, match=expected):
+        distributed.initialize(*meeting)
+
+
+def test_meeting_flags_need_distributed():
+    line = user_error(run_script("train.py", *TINY, "--num_processes=2", "--process_id=0"))
+    assert line == ("error: --num_processes, --process_id without --distributed: add --distributed to run as one "
+                    "of several processes")
