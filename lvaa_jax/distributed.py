@@ -66,7 +66,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         where = (f"at {coordinator_address} as process {process_id} of {num_processes}" if all(given)
                  else "from the environment")
         raise LvaaError(
-            f"--distributed: could not join the job {where}: {_first_line(error)}; start every process with the "
+            f"--distributed: could not join the job {where}: {_first_line(error).rstrip('.')}; start every process with the "
             "same --coordinator_address and --num_processes and its own --process_id (or none of the three "
             "under SLURM or on a TPU VM)"
         ) from None

@@ -32,7 +32,8 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str | Path, progres
     """Runs (or finishes) every stage in ``workdir`` and returns the path of ``alignment/report.md``.
 
     The settings of the first three stages are checked before any of them starts (alignment's bounds
-    depend on the number of instructions, known only after the demos).
+    depend on the number of instructions, known only after the demos). In a job of several processes
+    every process calls it, and each stage shares its work out (docs/distributed.md).
     """
     from lvaa_jax.agent.train import check_settings
     from lvaa_jax.babyai.generate import demo_settings

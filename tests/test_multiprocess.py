@@ -222,7 +222,13 @@ def test_where_to_meet_is_checked_before_joining(meeting, expected):
         distributed.initialize(*meeting)
 
 
-def test_meeting_flags_need_distributed():
-    line = user_error(run_script("train.py", *TINY, "--num_processes=2", "--process_id=0"))
-    assert line == ("error: --num_processes, --process_id without --distributed: add --distributed to run as one "
-                    "of several processes")
+@pytest.mark.parametrize(("flags", "expected"), [
+    (("--num_processes=2", "--process_id=0"),
+     "error: --num_processes, --process_id without --distributed: add --distributed to run as one of several "
+     "processes"),
+    (("--distributed",), "error: --distributed: could not join the job from the environment: coordinator_address "
+                         "should be defined; start every process with the same --coordinator_address"),
+])
+def test_meeting_mistakes_are_one_line(flags, expected):
+    """The second: no cluster in the environment (not SLURM, not a TPU VM) and no address given."""
+    assert user_error(run_script("train.py", *TINY, *flags)).startswith(expected)

@@ -64,8 +64,8 @@ def knn_indices(x, k: int, *, block_size: int | None = None, devices: Sequence[j
     The row itself is excluded; neighbours are sorted by decreasing quantised similarity, ties to the lower
     index. Computed on ``block_size`` x ``block_size`` tiles of the similarity matrix (default from N and
     the device), so peak memory is N * k + block^2 per device besides x itself, and the tiles are split over
-    ``devices`` (default: all, those of every process in a job of several). ``name`` labels the space in
-    error messages. Every process gets the whole result, as an array on its own first device.
+    ``devices`` (default: all, those of every process in a job of several, each of which then gets the
+    whole result as an array of its own). ``name`` labels the space in error messages.
     """
     x = check_space(x, name)
     n = x.shape[0]

@@ -142,6 +142,7 @@ def align_tables(tables: Mapping[str, EmbeddingTable], config: ml_collections.Co
     n = _check_instructions(tables)
     s = Settings.from_config(config, n)
     out_dir = Path(out_dir)
+    on_process_zero(lambda: out_dir.mkdir(parents=True, exist_ok=True), "the alignment folder")  # fail early
     num_layers = [tables[name].num_layers for name in names]
     key = jax.random.key(s.seed)
 
@@ -189,7 +190,6 @@ def align_tables(tables: Mapping[str, EmbeddingTable], config: ml_collections.Co
     summary = _summary(names, tables, n, s, space_pairs, scores, rsa_rows.size)
 
     def write() -> dict:
-        out_dir.mkdir(parents=True, exist_ok=True)
         _write(out_dir, summary, names, s, space_pairs, scores, similarities, lp, raw, sweep, num_layers,
                extra_sections or {})
         return summary
