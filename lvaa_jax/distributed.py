@@ -178,8 +178,8 @@ def replicated_on(x, mesh):
 
 
 def gathered(x, mesh):
-    """The whole of ``x``, an array on ``mesh`` in any sharding, as an array of this process (every process
-    gets it); on a mesh of this process alone, ``x`` as it is."""
+    """The whole of ``x``, an array (or a tuple or other tree of arrays) on ``mesh`` in any sharding, as
+    arrays of this process (every process gets them); on a mesh of this process alone, ``x`` as it is."""
     if not spans_processes(mesh):
         return x
     import jax
