@@ -158,24 +158,33 @@ def test_each_artifact_is_written_once(job_run):
 
 
 def test_a_job_killed_mid_run_resumes_to_the_parameters_of_one_not_killed(job_run, cache, tmp_path):
-    """Both processes SIGKILLed after the first checkpoint, then started again: orbax's collective restore
-    and the data position resume exactly; gloo's sums repeat, so the parameters are equal bit for bit."""
+    """Both processes SIGKILLed after the checkpoint of step 10, and that checkpoint then damaged in the
+    part process 1 wrote; started again, process 0 finds the damage, every process restores step 5, and
+    the job ends with the parameters of the uninterrupted job, bit for bit (gloo's sums repeat)."""
     uninterrupted, _ = job_run
     workdir = tmp_path / "run"
     workdir.mkdir()
     shutil.copytree(uninterrupted / "demos", workdir / "demos")
-    flags = ("scripts/train.py", *TINY, f"--workdir={workdir}")
+    flags = ("scripts/train.py", *TINY, "--config.train.checkpoint_every=5", f"--workdir={workdir}")
     job = start_job(*flags, cache=cache)
-    first = workdir / "checkpoints" / "10" / "files.json"
+    checkpoints = workdir / "checkpoints"
     deadline = time.monotonic() + TIMEOUT
-    while not first.exists():
+    while not (checkpoints / "10" / "files.json").exists():
         if time.monotonic() > deadline or any(p.poll() is not None for p in job):
             kill(job)
-            pytest.fail("the job ended or hung before its first checkpoint")
+            pytest.fail("the job ended or hung before its checkpoint of step 10")
         time.sleep(0.02)
     kill(job)
-    assert not (workdir / "checkpoints" / "20").exists(), "killed too late to test a resume"
-    succeeded(finish(start_job(*flags, cache=cache)))
+    assert not (checkpoints / "20").exists(), "killed too late to test a resume"
+    newest = max(int(p.parent.name) for p in checkpoints.glob("*/files.json"))
+    data = max((checkpoints / str(newest)).glob("state/ocdbt.process_1/d/*"), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+
+    done = finish(start_job(*flags, cache=cache))
+    succeeded(done)
+    assert f"the checkpoint at step {newest} is damaged ({data} has" in done[0].stderr
+    assert "damaged" not in done[1].stderr  # process 0 tells; process 1 took the same decision
+    assert (checkpoints / "damaged" / str(newest)).is_dir()
     chex.assert_trees_all_equal(restore_agent(workdir).params, restore_agent(uninterrupted).params)
     assert train_rows(workdir) == train_rows(uninterrupted)  # each step logged once, as before the kill
 
