@@ -65,6 +65,13 @@ def knn_indices(x, k: int, *, block_size: int | None = None, devices: Sequence[j
     the device), so peak memory is N * k + block^2 per device besides x itself, and the tiles are split over
     ``devices`` (default: all). ``name`` labels the space in error messages.
     """
+    return nearest_neighbours(x, k, block_size=block_size, devices=devices, name=name)[1]
+
+
+def nearest_neighbours(x, k: int, *, block_size: int | None = None, devices: Sequence[jax.Device] | None = None,
+                       name: str = "embeddings") -> tuple[jax.Array, jax.Array]:
+    """(float32[N, k] similarities, int32[N, k] indices): ``knn_indices`` with the cosine similarity of each
+    listed neighbour, rounded to 1e-6 as the search ranks them (what CKNNA reads)."""
     x = check_space(x, name)
     n = x.shape[0]
     k = check_k(k, n)
@@ -73,7 +80,8 @@ def knn_indices(x, k: int, *, block_size: int | None = None, devices: Sequence[j
         block_size = default_block_size(n, x.shape[1], len(devices), devices[0].platform)
     elif isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
         raise LvaaError(f"block_size={block_size!r}: must be a positive integer")
-    return _knn(x, k=k, block=int(block_size), mesh=data_mesh(devices))
+    values, ids = _knn(x, k=k, block=int(block_size), mesh=data_mesh(devices))
+    return values / QUANTA_PER_UNIT, ids
 
 
 def _best(values: jax.Array, ids: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -102,19 +110,64 @@ def _merge_later(best: tuple[jax.Array, jax.Array], offered: tuple[jax.Array, ja
     return jnp.maximum(v1, v2), i1 + i2
 
 
+def group_size(block: int, k: int) -> int:
+    """Entries per group of the two-level top-k over ``block`` entries (1: a plain top-k).
+
+    A two-level top-k costs one top-k over the block / g group maxima and one over the k g entries of the
+    k best groups, so g ~ sqrt(block / k) balances the two; g divides the block.
+    """
+    target = max(1, round((block / k) ** 0.5))
+    g = next(g for g in range(target, 0, -1) if block % g == 0)
+    return g if g > 1 and k * g < block else 1
+
+
+def _offer(sims: jax.Array, other: jax.Array, k: int, columns: bool) -> tuple[jax.Array, jax.Array]:
+    """The k best (quantised similarity, id) that a [B, B] tile of similarities (-inf where masked) offers
+    each of its rows, or each of its columns when ``columns``; ``other`` holds the ids along the other axis.
+    Best first, ties to the lower id.
+
+    Two-level where the tile allows it (``group_size``), and exact: the k groups of g consecutive entries
+    with the highest maxima (ties to the lower group) hold the top k, since each of the k groups ranked
+    above any other group holds an entry that beats all of that group's entries. Their k g entries,
+    gathered in id order, go through a top-k of their own. On CPU a top-k runs on one thread and pays per
+    entry, whereas the group maxima are one vectorised pass over the tile; columns are read where they lie,
+    never from a transposed copy. Rounding commutes with the maximum, so only maxima and candidates are
+    rounded.
+    """
+    b = sims.shape[0]
+    g = group_size(b, k)
+    if g == 1:
+        values, at = lax.top_k(jnp.round((sims.T if columns else sims) * QUANTA_PER_UNIT), min(k, b))
+        return values, other[at]  # a tile row may be shorter than k
+    if columns:
+        maxima = sims.reshape(b // g, g, b).max(1).T
+    else:
+        maxima = sims.reshape(b, b // g, g).max(2)
+    groups = jnp.sort(lax.top_k(jnp.round(maxima * QUANTA_PER_UNIT), k)[1], axis=1)  # [B, k]
+    if columns:
+        picked = jnp.take_along_axis(sims.reshape(b // g, g, b), groups.T[:, None, :], axis=0)  # [k, g, B]
+        picked = picked.reshape(k * g, b).T
+    else:
+        picked = jnp.take_along_axis(sims.reshape(b, b // g, g), groups[:, :, None], axis=1).reshape(b, k * g)
+    values, at = lax.top_k(jnp.round(picked * QUANTA_PER_UNIT), k)
+    return values, other[groups[jnp.arange(b)[:, None], at // g] * g + at % g]
+
+
 @functools.partial(jax.jit, static_argnames=("k", "block", "mesh"))
-def _knn(x: jax.Array, *, k: int, block: int, mesh: Mesh) -> jax.Array:
+def _knn(x: jax.Array, *, k: int, block: int, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
     # The similarity matrix is symmetric, so only its tiles (a, b) with a <= b are computed: each tile offers
-    # its rows' neighbours to block a and, transposed, its columns' neighbours to block b: half the matmul
-    # FLOPs of a row-by-row search. Devices take equal shares of the tiles, keep a running top-k of every
-    # row, and their lists are merged at the end. Tiles run in row-major order, so each block is offered
-    # candidates in increasing column order (blocks c < b from tiles (c, b), then b, b + 1, ... from tiles
-    # (b, .)) and a device merges lists cheaply (``_merge_later``). Rows are padded to a whole number of
-    # blocks; padded rows and columns, the diagonal and the filler tiles that even out the shares are -inf,
-    # which never enters a final list (every row has N - 1 >= k finite candidates).
+    # its rows' neighbours to block a and its columns' neighbours to block b: half the matmul FLOPs of a
+    # row-by-row search. Devices take equal shares of the tiles, keep a running top-k of every row, and
+    # their lists are merged at the end. Tiles run in row-major order, so each block is offered candidates
+    # in increasing column order (blocks c < b from tiles (c, b), then b, b + 1, ... from tiles (b, .)) and
+    # a device merges lists cheaply (``_merge_later``). Rows are padded to a whole number of blocks. The
+    # diagonal and the padded columns are set to -inf in the tiles that hold them, which never enters a
+    # final list (every row has N - 1 >= k finite candidates); padded rows are offered neighbours that are
+    # dropped at the end, and the filler tiles that even out the devices' shares are skipped.
     n = x.shape[0]
     blocks = -(-n // block)
-    rows = jnp.pad(unit_rows(x), ((0, blocks * block - n), (0, 0)))
+    pad = blocks * block - n
+    rows = jnp.pad(unit_rows(x), ((0, pad), (0, 0)))
     first, second = np.triu_indices(blocks)
     filler = -len(first) % mesh.size
     tiles = np.stack([np.pad(first, (0, filler)), np.pad(second, (0, filler)),
@@ -122,31 +175,33 @@ def _knn(x: jax.Array, *, k: int, block: int, mesh: Mesh) -> jax.Array:
     local = jnp.arange(block)
 
     def device_tiles(rows: jax.Array, tiles: jax.Array) -> tuple[jax.Array, jax.Array]:
-        def offer(best, target, values, ids):
+        def offer(best, target, offered):
             start = target * block
             current = tuple(lax.dynamic_slice_in_dim(b, start, block) for b in best)
-            top_values, top = lax.top_k(values, min(k, block))  # a tile row may be shorter than k
-            merged = _merge_later(current, (top_values, ids[top]), k)
+            merged = _merge_later(current, offered, k)
             return tuple(lax.dynamic_update_slice_in_dim(b, m, start, 0) for b, m in zip(best, merged, strict=True))
 
         def one_tile(best, tile):
-            a, b, real = tile[0], tile[1], tile[2] == 1
-            row_ids, col_ids = a * block + local, b * block + local
+            a, b = tile[0], tile[1]
             sims = jnp.dot(lax.dynamic_slice_in_dim(rows, a * block, block),
                            lax.dynamic_slice_in_dim(rows, b * block, block).T, precision=lax.Precision.HIGHEST)
-            quantised = jnp.round(sims * QUANTA_PER_UNIT)  # integers, exact in float32: |sims| <= 1
-            valid = real & (row_ids[:, None] < n) & (col_ids[None, :] < n) & (row_ids[:, None] != col_ids[None, :])
-            quantised = jnp.where(valid, quantised, -jnp.inf)
-            best = offer(best, a, quantised, col_ids)
+            sims = sims.at[local, jnp.where(a == b, local, block)].set(-jnp.inf, mode="drop")  # the diagonal
+            if pad:
+                sims = lax.cond(b == blocks - 1, lambda s: jnp.where(local < block - pad, s, -jnp.inf),
+                                lambda s: s, sims)
+            best = offer(best, a, _offer(sims, b * block + local, k, columns=False))
 
             def offer_columns(best):
-                return offer(best, b, quantised.T, row_ids)
+                return offer(best, b, _offer(sims, a * block + local, k, columns=True))
 
-            return lax.cond(a == b, lambda best: best, offer_columns, best), None  # a diagonal tile: done
+            return lax.cond(a == b, lambda best: best, offer_columns, best)  # a diagonal tile: done
+
+        def step(best, tile):
+            return lax.cond(tile[2] == 1, one_tile, lambda best, _: best, best, tile), None
 
         empty = (jnp.full((rows.shape[0], k), -jnp.inf), jnp.zeros((rows.shape[0], k), jnp.int32))
         empty = lax.pcast(empty, (AXIS,), to="varying")  # each device's lists are its own
-        best, _ = lax.scan(one_tile, empty, tiles)
+        best, _ = lax.scan(step if filler else lambda best, tile: (one_tile(best, tile), None), empty, tiles)
         return best[0][None], best[1][None]
 
     spec = PartitionSpec(AXIS)
@@ -154,8 +209,9 @@ def _knn(x: jax.Array, *, k: int, block: int, mesh: Mesh) -> jax.Array:
     values, ids = search(rows, jnp.asarray(tiles))
     if mesh.size > 1:
         values, ids = (jnp.moveaxis(a, 0, 1).reshape(a.shape[1], -1) for a in (values, ids))
-        return _best(values, ids, k)[1][:n]
-    return ids[0, :n]
+        values, ids = _best(values, ids, k)
+        return values[:n], ids[:n]
+    return values[0, :n], ids[0, :n]
 
 
 def _intersections(ia: jax.Array, ib: jax.Array) -> jax.Array:
