@@ -34,16 +34,16 @@ AXIS = "data"
 def default_block_size(n: int, d: int, num_devices: int, platform: str) -> int:
     """Side of the square similarity tiles: ``block`` x ``block`` float32 per step.
 
-    The diagonal tiles are computed whole (a waste of about block / N of the matmul), and on CPU a tile's
-    top-k runs on one thread and costs more per element on short rows, so the best tile depends on D.
-    Measured on 2 cores: at D = 384, where the top-k costs more than the matmul, tiles of N / 5 rows
-    ran fastest up to 8 000 (N = 10 000 and 40 000); at D = 4 096, ~2 000 (N = 10 000 and 20 000).
-    Accelerators want large tiles for their matmul units. With several devices there are at least 2
-    blocks per device, so the tiles, which devices share out, number at least ~2 per device. A multiple
-    of 8, splitting N into equal blocks.
+    The diagonal tiles are computed whole (a waste of about block / N of the matmul), and on CPU each tile
+    row's top-k costs about 1 us on one thread, so the best tile depends on D. Measured on 2 cores: at
+    D = 384, where the top-k is a large share, tiles of N / 5 rows up to 8 192; at D = 4 096, where the
+    matmul is nearly all of it, N / 10 rows between 1 024 and 2 048 (10 000 rows: 1 000-row tiles took 8%
+    less CPU time than 2 000-row ones). Accelerators want large tiles for their matmul units. With several
+    devices there are at least 2 blocks per device, so the tiles, which devices share out, number at least
+    ~2 per device. A multiple of 8, splitting N into equal blocks.
     """
     if platform == "cpu":
-        block = min(8192 if d < 1024 else 2048, max(1024, -(-n // 5)))
+        block = min(8192, max(1024, -(-n // 5))) if d < 1024 else min(2048, max(1024, -(-n // 10)))
     else:
         block = 8192
     blocks = max(-(-n // block), min(2 * num_devices, -(-n // 8)) if num_devices > 1 else 1)
