@@ -13,6 +13,7 @@ from configs.default import get_config
 from lvaa_jax.alignment import (
     align_tables,
     clamp_outliers,
+    knn,
     knn_indices,
     linear_cka,
     nearest_neighbours,
@@ -25,7 +26,6 @@ from lvaa_jax.alignment import (
     rsa,
     stage,
 )
-from lvaa_jax.alignment import knn
 from lvaa_jax.alignment.stats import permutation_null
 from lvaa_jax.embeddings.table import EmbeddingTable
 from lvaa_jax.errors import LvaaError

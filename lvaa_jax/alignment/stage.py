@@ -1,12 +1,15 @@
 """Stage 4: how alike are the embedding spaces? ``align_tables`` scores every pair and writes the report.
 
 Order of work, each step reusing the previous one's arrays:
-1. kNN index sets once per (space, layer), at the largest k any score needs (the k sweep takes prefixes).
+1. kNN lists once per (space, layer), at the largest k any score needs plus one (the k sweep takes
+   prefixes; the extra neighbour shows ties at the k-th). Constant layers before the last are left out.
 2. Overlaps for every layer pair of every two spaces (one batched kernel): per-layer curves, last-layer and
    best-layer-pair scores.
 3. Permutation null of every layer pair by relabelling the index sets; the best-pair score is calibrated
    against the null of the same maximum over layer pairs (max-over-layers inflates raw scores).
-4. Bootstrap intervals from per-instruction overlaps; the k sweep; Procrustes, CKA and RSA at the last layer.
+4. Bootstrap intervals from per-instruction overlaps; the k sweep; at the last layers, the Platonic
+   Representation Hypothesis kNN metrics from the same lists (with their nulls), and Procrustes, CKA, RSA
+   and SVCCA.
 """
 
 from __future__ import annotations
@@ -146,11 +149,12 @@ def align_tables(tables: Mapping[str, EmbeddingTable], config: ml_collections.Co
     num_layers = [tables[name].num_layers for name in names]
     key = jax.random.key(s.seed)
 
-    def space(name: str, layer: int) -> tuple[jax.Array, str]:
+    def space(name: str, layer: int) -> tuple[jax.Array | None, str]:
         label = name if tables[name].num_layers == 1 else f"{name} (layer {layer % tables[name].num_layers})"
         x = jnp.asarray(tables[name].layer(layer), jnp.float32)
-        if layer != tables[name].num_layers - 1 and x.ndim == 2 and len(x) > 1 and _constant(x):
-            return None, label  # skipped: see ``skipped``
+        last = layer % tables[name].num_layers == tables[name].num_layers - 1
+        if not last and x.ndim == 2 and len(x) > 1 and _constant(x):
+            return None, label  # a constant layer before the last: left out (``skipped``)
         x = check_space(x, label)
         return (clamp_outliers(x) if s.clamp_outliers else x), label
 

@@ -1,4 +1,5 @@
-"""Permutation null and bootstrap intervals for precision@k, both from neighbour index sets computed once.
+"""Permutation null (of precision@k and the other kNN scores) and bootstrap intervals, both from neighbour
+index sets computed once.
 
 Random draws are indexed: draw i uses ``fold_in(key, i)``, so results do not depend on how draws are
 chunked, and the same key gives the same null and intervals on any machine.
