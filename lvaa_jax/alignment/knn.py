@@ -160,10 +160,13 @@ def _knn(x: jax.Array, *, k: int, block: int, mesh: Mesh) -> tuple[jax.Array, ja
     # row-by-row search. Devices take equal shares of the tiles, keep a running top-k of every row, and
     # their lists are merged at the end. Tiles run in row-major order, so each block is offered candidates
     # in increasing column order (blocks c < b from tiles (c, b), then b, b + 1, ... from tiles (b, .)) and
-    # a device merges lists cheaply (``_merge_later``). Rows are padded to a whole number of blocks. The
-    # diagonal and the padded columns are set to -inf in the tiles that hold them, which never enters a
-    # final list (every row has N - 1 >= k finite candidates); padded rows are offered neighbours that are
-    # dropped at the end, and the filler tiles that even out the devices' shares are skipped.
+    # a device merges lists cheaply (``_merge_later``). A diagonal tile is symmetric too, so it is computed
+    # as three half tiles (its upper-left, upper-right and lower-right quarters, which keeps that order):
+    # the matmul wasted on diagonal tiles is then a quarter tile, not half. Rows are padded to a whole
+    # number of blocks. The diagonal and the padded columns are set to -inf in the tiles that hold them,
+    # which never enters a final list (every row has N - 1 >= k finite candidates); padded rows are offered
+    # neighbours that are dropped at the end, and the filler tiles that even out the devices' shares are
+    # skipped.
     n = x.shape[0]
     blocks = -(-n // block)
     pad = blocks * block - n
@@ -172,29 +175,42 @@ def _knn(x: jax.Array, *, k: int, block: int, mesh: Mesh) -> tuple[jax.Array, ja
     filler = -len(first) % mesh.size
     tiles = np.stack([np.pad(first, (0, filler)), np.pad(second, (0, filler)),
                       np.arange(len(first) + filler) < len(first)], axis=1).astype(np.int32)
-    local = jnp.arange(block)
+    split = block % 2 == 0 and block >= 16  # diagonal tiles as three half tiles
 
     def device_tiles(rows: jax.Array, tiles: jax.Array) -> tuple[jax.Array, jax.Array]:
-        def offer(best, target, offered):
-            start = target * block
-            current = tuple(lax.dynamic_slice_in_dim(b, start, block) for b in best)
+        def offer(best, start, offered):
+            size = offered[0].shape[0]
+            current = tuple(lax.dynamic_slice_in_dim(b, start, size) for b in best)
             merged = _merge_later(current, offered, k)
             return tuple(lax.dynamic_update_slice_in_dim(b, m, start, 0) for b, m in zip(best, merged, strict=True))
 
+        def square(best, rows_at, columns_at, size: int, diagonal: bool):
+            """The offers of the tile of rows [rows_at, + size) and columns [columns_at, + size)."""
+            inner = jnp.arange(size)
+            sims = jnp.dot(lax.dynamic_slice_in_dim(rows, rows_at, size),
+                           lax.dynamic_slice_in_dim(rows, columns_at, size).T, precision=lax.Precision.HIGHEST)
+            if diagonal:
+                sims = sims.at[inner, inner].set(-jnp.inf)
+            if pad:
+                sims = lax.cond(columns_at + size > n, lambda s: jnp.where(columns_at + inner < n, s, -jnp.inf),
+                                lambda s: s, sims)
+            best = offer(best, rows_at, _offer(sims, columns_at + inner, k, columns=False))
+            if not diagonal:
+                best = offer(best, columns_at, _offer(sims, rows_at + inner, k, columns=True))
+            return best
+
+        def diagonal_tile(best, at):
+            if not split:
+                return square(best, at, at, block, diagonal=True)
+            half = block // 2  # its upper-left, upper-right and lower-right quarters, in this order
+            best = square(best, at, at, half, diagonal=True)
+            best = square(best, at, at + half, half, diagonal=False)
+            return square(best, at + half, at + half, half, diagonal=True)
+
         def one_tile(best, tile):
             a, b = tile[0], tile[1]
-            sims = jnp.dot(lax.dynamic_slice_in_dim(rows, a * block, block),
-                           lax.dynamic_slice_in_dim(rows, b * block, block).T, precision=lax.Precision.HIGHEST)
-            sims = sims.at[local, jnp.where(a == b, local, block)].set(-jnp.inf, mode="drop")  # the diagonal
-            if pad:
-                sims = lax.cond(b == blocks - 1, lambda s: jnp.where(local < block - pad, s, -jnp.inf),
-                                lambda s: s, sims)
-            best = offer(best, a, _offer(sims, b * block + local, k, columns=False))
-
-            def offer_columns(best):
-                return offer(best, b, _offer(sims, a * block + local, k, columns=True))
-
-            return lax.cond(a == b, lambda best: best, offer_columns, best)  # a diagonal tile: done
+            return lax.cond(a == b, lambda best: diagonal_tile(best, a * block),
+                            lambda best: square(best, a * block, b * block, block, diagonal=False), best)
 
         def step(best, tile):
             return lax.cond(tile[2] == 1, one_tile, lambda best, _: best, best, tile), None
