@@ -11,9 +11,11 @@ N in ``--knn_sizes`` and D in ``--knn_dims``, one space, in one process per (N, 
 ``knn_indices(x, k)`` on the raw rows (it normalises them inside); faiss (faiss-cpu, or faiss-gpu's
 ``GpuIndexFlatIP`` on a GPU) is ``IndexFlatIP`` built on the pre-normalised rows and searched for k + 1
 neighbours, the row itself then dropped. Both run on every core (faiss's OpenMP threads set to
-``os.cpu_count()``; XLA:CPU's pool is that size already). Times are the best of ``--knn_rounds``
-interleaved rounds (one round from N = 50 000), compiled; our first call, with compilation, is beside
-them. Peak memory beyond the inputs is measured for each in turn, faiss first (the process's peak RSS is
+``os.cpu_count()``; XLA:CPU's pool is that size already), or on ``--knn_threads`` cores (the process
+pinned to them; XLA single-threaded for 1). Times are the best of ``--knn_rounds`` interleaved rounds
+(one round from N = 50 000), compiled, with the ratio of CPU seconds beside the ratio of wall seconds
+(on one core, CPU time is what a busy machine disturbs least); our first call, with compilation, is
+beside them. Peak memory beyond the inputs is measured for each in turn, faiss first (the process's peak RSS is
 reset in between). Then the neighbour sets are compared row by row: identical, or differing only inside a tie at
 our 1e-6 rounding (two candidates whose similarities round to the same value, where we take the lower
 index and faiss the higher similarity), or different (a mismatch: none is expected).
@@ -77,15 +79,19 @@ def _reset_peak() -> None:
 def _knn_vs_faiss(spec: dict) -> dict:
     """Ours and faiss on the same random space: first calls, memory, interleaved warm rounds, and the
     comparison of their neighbour sets."""
+    threads = spec["threads"]
+    if threads < os.cpu_count():  # before XLA starts its thread pool
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
+        if threads == 1:
+            os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
     import faiss
     import jax
     import jax.numpy as jnp
 
-    from benchmarks.timing import interleaved_best_seconds
     from lvaa_jax.alignment import knn_indices
 
     n, d, k = spec["n"], spec["d"], spec["k"]
-    faiss.omp_set_num_threads(os.cpu_count())
+    faiss.omp_set_num_threads(threads)
     gpu = jax.devices()[0].platform == "gpu" and hasattr(faiss, "StandardGpuResources")
     resources = faiss.StandardGpuResources() if gpu else None
     x = np.random.default_rng(spec.get("seed", 0)).standard_normal((n, d), dtype=np.float32)
@@ -116,10 +122,13 @@ def _knn_vs_faiss(spec: dict) -> dict:
             mine = result
         else:
             found = result
-    rounds = spec["rounds"]
-    if rounds:
-        out |= {f"{name}_best": t for name, t in interleaved_best_seconds({"ours": ours, "faiss": theirs},
-                                                                          rounds).items()}
+    for _ in range(spec["rounds"]):  # interleaved, so that a busy spell hits both; wall and CPU seconds
+        for name, run in (("ours", ours), ("faiss", theirs)):
+            start, cpu = time.perf_counter(), time.process_time()
+            run()
+            for key, value in ((f"{name}_best", time.perf_counter() - start),
+                               (f"{name}_cpu", time.process_time() - cpu)):
+                out[key] = min(out.get(key, value), value)
     out |= _compare_sets(rows, mine, found, k)
     return out
 
@@ -370,15 +379,18 @@ def compare(n: int, d: int, args: flags.FlagValues, refs: list[str], peak: float
 
 def against_faiss(args: flags.FlagValues) -> None:
     """The search alone, ours against faiss, every N of --knn_sizes and D of --knn_dims (see the top)."""
-    print(f"\nNeighbour search, one space, k = {args.k}: ours (knn_indices) against faiss's exact search; seconds "
-          "(best of interleaved rounds, compiled), first call, peak memory beyond the inputs")
+    threads = args.knn_threads or os.cpu_count()
+    print(f"\nNeighbour search, one space, k = {args.k}, {threads} of {os.cpu_count()} cores: ours (knn_indices) "
+          "against faiss's exact search; seconds (best of interleaved rounds, compiled), first call, peak memory "
+          "beyond the inputs; 'cpu': the ratio of CPU seconds (best rounds), which a busy machine moves less")
     print(f"{'N':>7} {'D':>5} | {'ours':>7} {'1st call':>8} {'mem':>9} | {'faiss':>7} {'mem':>9} | "
-          f"{'faiss/ours':>10} | {'identical':>9} {'ties':>5} {'mismatch':>8}")
+          f"{'faiss/ours':>10} {'cpu':>6} | {'identical':>9} {'ties':>5} {'mismatch':>8}")
     header = None
     for n in (int(v) for v in args.knn_sizes.split(",") if v):
         for d in map(int, args.knn_dims.split(",")):
-            rounds = args.knn_rounds if n < 50_000 else 1
-            r = measure({"impl": "knn_vs_faiss", "n": n, "d": d, "k": args.k, "rounds": rounds}, args.timeout_s)
+            rounds = max(1, args.knn_rounds if n < 50_000 else 1)
+            r = measure({"impl": "knn_vs_faiss", "n": n, "d": d, "k": args.k, "rounds": rounds,
+                         "threads": threads}, args.timeout_s)
             if r is None:
                 continue
             if header != r["faiss"]:
@@ -386,7 +398,8 @@ def against_faiss(args: flags.FlagValues) -> None:
                 print(f"  ({header})")
             ours, theirs = r.get("ours_best", r["ours_first"]), r.get("faiss_best", r["faiss_first"])
             print(f"{n:>7} {d:>5} | {ours:>7.2f} {r['ours_first']:>8.2f} {_mib(r['ours_mem']):>9} | "
-                  f"{theirs:>7.2f} {_mib(r['faiss_mem']):>9} | {theirs / ours:>9.2f}x | "
+                  f"{theirs:>7.2f} {_mib(r['faiss_mem']):>9} | {theirs / ours:>9.2f}x "
+                  f"{r['faiss_cpu'] / r['ours_cpu']:>5.2f}x | "
                   f"{r['identical'] / r['rows']:>9.2%} {r['tie_only']:>5} {r['mismatches']:>8}", flush=True)
 
 
@@ -413,6 +426,7 @@ def scaling(args: flags.FlagValues, floor_rate: float | None, peak: float | None
 flags.DEFINE_string("knn_sizes", "10000,20000", "N values of the search against faiss ('': none).")
 flags.DEFINE_string("knn_dims", "384,4096", "D values of the search against faiss.")
 flags.DEFINE_integer("knn_rounds", 3, "Interleaved rounds of the search against faiss below N = 50 000 (then 1).")
+flags.DEFINE_integer("knn_threads", 0, "Cores for the search against faiss (0: all; fewer pins the process).")
 flags.DEFINE_string("sizes", "2000,10000,20000", "N values of the comparison ('': none).")
 flags.DEFINE_string("dims", "384,4096", "D values of the comparison.")
 flags.DEFINE_integer("spaces", 8, "M, spaces compared pairwise.")

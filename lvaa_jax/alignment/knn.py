@@ -34,11 +34,12 @@ AXIS = "data"
 def default_block_size(n: int, d: int, num_devices: int, platform: str) -> int:
     """Side of the square similarity tiles: ``block`` x ``block`` float32 per step.
 
-    The diagonal tiles are computed whole (a waste of about block / N of the matmul), and on CPU each tile
-    row's top-k costs about 1 us on one thread, so the best tile depends on D. Measured on 2 cores: at
-    D = 384, where the top-k is a large share, tiles of N / 5 rows up to 8 192; at D = 4 096, where the
-    matmul is nearly all of it, N / 10 rows between 1 024 and 2 048 (10 000 rows: 1 000-row tiles took 8%
-    less CPU time than 2 000-row ones). Accelerators want large tiles for their matmul units. With several
+    Larger tiles waste more matmul on the diagonal tiles (about block / 4N of it), and on CPU each row of
+    each tile costs two top-k calls of about 1 us on one thread, so the best tile depends on D. Measured on
+    this project's 2-core machine: at D = 384, where the top-k is a large share, tiles of N / 5 rows up to
+    8 192; at D = 4 096, where the matmul is nearly all of it, N / 10 rows between 1 024 and 2 048 (at
+    10 000 rows, 1 000-row tiles took 3% less CPU time than 2 000-row ones, and 8% less before diagonal
+    tiles were split). Accelerators want large tiles for their matmul units. With several
     devices there are at least 2 blocks per device, so the tiles, which devices share out, number at least
     ~2 per device. A multiple of 8, splitting N into equal blocks.
     """
@@ -129,10 +130,10 @@ def _offer(sims: jax.Array, other: jax.Array, k: int, columns: bool) -> tuple[ja
     Two-level where the tile allows it (``group_size``), and exact: the k groups of g consecutive entries
     with the highest maxima (ties to the lower group) hold the top k, since each of the k groups ranked
     above any other group holds an entry that beats all of that group's entries. Their k g entries,
-    gathered in id order, go through a top-k of their own. On CPU a top-k runs on one thread and pays per
-    entry, whereas the group maxima are one vectorised pass over the tile; columns are read where they lie,
-    never from a transposed copy. Rounding commutes with the maximum, so only maxima and candidates are
-    rounded.
+    gathered in id order, go through a top-k of their own. XLA:CPU's top-k runs on one thread at about 1 us
+    per row plus 3 ns per entry (measured), whereas the group maxima are one vectorised pass over the tile:
+    a row's top-k reads ~2 sqrt(k B) entries instead of B. Columns are read where they lie, never from a
+    transposed copy. Rounding commutes with the maximum, so only maxima and candidates are rounded.
     """
     b = sims.shape[0]
     g = group_size(b, k)
