@@ -165,6 +165,30 @@ def _glibc_with_huge_pages() -> bool:
     return library == "glibc" and numbers >= (2, 35) and "[never]" not in enabled
 
 
+class _OneLineTaskFailures(logging.Filter):
+    """asyncio's "Task exception was never retrieved" as one short line, each distinct one once.
+
+    orbax writes a checkpoint as many tensorstore coroutines; on a full disk each fails, and asyncio logs
+    each with its traceback (pages) while the main thread's error becomes the run's one ``error:`` line.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.exc_info or not str(record.msg).startswith("Task exception was never retrieved"):
+            return True
+        error = record.exc_info[1]
+        reason = str(error).rsplit(": ", 1)[-1] if error is not None else "unknown"
+        summary = f"a background write failed: {type(error).__name__}: {reason}"
+        if summary in self._seen:
+            return False
+        self._seen.add(summary)
+        record.msg, record.args, record.exc_info, record.exc_text = summary, (), None, None
+        return True
+
+
 def run(main: Callable[[Sequence[str]], None]) -> None:
     """``absl.app.run`` whose user errors (LvaaError, bad flags, a read-only or full disk) end as
     ``error: ...`` and exit code 2, in a process restarted on huge pages (:func:`restart_on_huge_pages`)."""
@@ -175,6 +199,7 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
             _exit(f"unexpected arguments {list(argv[1:])}; every option is a --flag")
         logging.getLogger("absl").setLevel(logging.WARNING)  # orbax and jax log every save at INFO
         logging.getLogger("lvaa_jax").setLevel(logging.INFO)
+        logging.getLogger("asyncio").addFilter(_OneLineTaskFailures())
         try:
             main(argv)
         except LvaaError as e:
