@@ -4,7 +4,7 @@ processes, and how the helpers of lvaa_jax.distributed end both processes on the
     python tests/multiprocess_worker.py --distributed --coordinator_address=localhost:PORT --num_processes=2
         --process_id=I --out=DIR --workdir=DIR_I
 
-Writes ``<out>/knn_<case>_<process>.npy`` and ``<out>/outcomes_<process>.json`` (what each call ended with).
+Writes ``<out>/knn_<case>_<process>.npz`` (similarities, ids) and ``<out>/outcomes_<process>.json`` (what each call ended with).
 """
 
 import json
@@ -15,8 +15,9 @@ from absl import flags
 
 from lvaa_jax import cli
 
-# (N, D, k, block_size): rows in whole blocks or not, tiles shared out unevenly, several blocks per device.
-KNN_CASES = {"default": (203, 16, 7, None), "blocks_32": (203, 16, 7, 32), "blocks_8": (64, 8, 5, 8)}
+# (N, D, k, block_size): the default tiles (16 rows: diagonal tiles split, the last block padded, 91 tiles
+# shared out unevenly) and small whole blocks (diagonal tiles whole, several blocks per device).
+KNN_CASES = {"default": (203, 16, 7, None), "blocks_8": (64, 8, 5, 8)}
 
 
 def knn_input(n: int, d: int) -> np.ndarray:
@@ -37,16 +38,17 @@ def main(argv):
     DISTRIBUTED.initialize()  # noqa: F821 - defined when run as a script, below
     import jax
 
-    from lvaa_jax.alignment import knn_indices
+    from lvaa_jax.alignment import knn_indices, nearest_neighbours
     from lvaa_jax.distributed import gather, on_every_process, on_process_zero
     from lvaa_jax.errors import LvaaError
     from lvaa_jax.runlock import hold_run_folder
 
     me, out = jax.process_index(), Path(flags.FLAGS.out)
     for case, (n, d, k, block) in KNN_CASES.items():
-        ids = knn_indices(knn_input(n, d), k, block_size=block)
-        assert ids.is_fully_addressable, "every process gets the whole result"
-        np.save(out / f"knn_{case}_{me}.npy", np.asarray(ids))
+        similarities, ids = nearest_neighbours(knn_input(n, d), k, block_size=block)
+        assert similarities.is_fully_addressable and ids.is_fully_addressable, "every process gets all of it"
+        np.testing.assert_array_equal(knn_indices(knn_input(n, d), k, block_size=block), ids)
+        np.savez(out / f"knn_{case}_{me}.npz", similarities=similarities, ids=ids)
 
     def fails_on(process, error):
         def fn():

@@ -27,7 +27,7 @@ from tiny_runs import tiny_config
 
 from lvaa_jax import distributed
 from lvaa_jax.agent import restore_agent
-from lvaa_jax.alignment import knn_indices
+from lvaa_jax.alignment import nearest_neighbours
 from lvaa_jax.errors import LvaaError
 from lvaa_jax.pipeline import run_pipeline
 from lvaa_jax.runlock import LOCK_FILE, hold_run_folder
@@ -68,18 +68,19 @@ def finish(job: list[subprocess.Popen], timeout: float = TIMEOUT) -> list[subpro
         try:
             out, err = process.communicate(timeout=max(deadline - time.monotonic(), 1))
         except subprocess.TimeoutExpired:
-            kill(job)
-            pytest.fail(f"the job did not end within {timeout} s (a collective hung?)")
+            pytest.fail(f"the job did not end within {timeout} s (a collective hung?)\n{kill(job)}")
         done.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
     return done
 
 
-def kill(job: list[subprocess.Popen]) -> None:
+def kill(job: list[subprocess.Popen]) -> str:
+    """SIGKILL for every process of the job (and its children); returns the end of each one's stderr."""
     for process in job:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    for process in job:
-        process.communicate()
+    ends = [process.communicate()[1] for process in job]
+    return "\n".join(f"process {i} (exit code {process.returncode}):\n{end[-2000:]}"
+                     for i, (process, end) in enumerate(zip(job, ends, strict=True)))
 
 
 def succeeded(done: list[subprocess.CompletedProcess]) -> None:
@@ -171,8 +172,7 @@ def test_a_job_killed_mid_run_resumes_to_the_parameters_of_one_not_killed(job_ru
     deadline = time.monotonic() + TIMEOUT
     while not (checkpoints / "10" / "files.json").exists():
         if time.monotonic() > deadline or any(p.poll() is not None for p in job):
-            kill(job)
-            pytest.fail("the job ended or hung before its checkpoint of step 10")
+            pytest.fail(f"the job ended or hung before its checkpoint of step 10\n{kill(job)}")
         time.sleep(0.02)
     kill(job)
     assert not (checkpoints / "20").exists(), "killed too late to test a resume"
@@ -200,15 +200,18 @@ def test_a_second_job_on_the_folder_is_refused_on_every_process(job_run, tmp_pat
 
 
 def test_neighbours_over_the_mesh_of_two_processes_and_one_error_for_all(tmp_path):
-    """tests/multiprocess_worker.py: knn_indices over 8 devices of 2 processes equals 8 devices of one (this
-    session), on every process; an error of process 0 (on_process_zero) or of any (on_every_process) is
+    """tests/multiprocess_worker.py: nearest_neighbours (and knn_indices) over 8 devices of 2 processes equals
+    8 devices of one (this session), on every process, bit for bit; an error of process 0 (on_process_zero) or of any (on_every_process) is
     raised on both; a process that does not see the folder process 0 locked stops the job."""
     succeeded(finish(start_job("tests/multiprocess_worker.py", f"--out={tmp_path}",
                                workdirs=[tmp_path / "held_0", tmp_path / "held_1"])))
     for case, (n, d, k, block) in KNN_CASES.items():
-        single = np.asarray(knn_indices(knn_input(n, d), k, block_size=block))
+        single = dict(zip(("similarities", "ids"), nearest_neighbours(knn_input(n, d), k, block_size=block),
+                          strict=True))
         for process in range(PROCESSES):
-            np.testing.assert_array_equal(np.load(tmp_path / f"knn_{case}_{process}.npy"), single, err_msg=case)
+            with np.load(tmp_path / f"knn_{case}_{process}.npz") as job:
+                for name, value in single.items():
+                    np.testing.assert_array_equal(job[name], value, err_msg=f"{case} {name}")
     zero, one = (json.loads((tmp_path / f"outcomes_{p}.json").read_text()) for p in range(PROCESSES))
     assert zero["zero_user_error"] == one["zero_user_error"] == "LvaaError: bad setting on 0"
     assert zero["zero_bug"] == "ValueError: boom"
@@ -231,13 +234,16 @@ def test_where_to_meet_is_checked_before_joining(meeting, expected):
         distributed.initialize(*meeting)
 
 
-@pytest.mark.parametrize(("flags", "expected"), [
-    (("--num_processes=2", "--process_id=0"),
-     "error: --num_processes, --process_id without --distributed: add --distributed to run as one of several "
-     "processes"),
-    (("--distributed",), "error: --distributed: could not join the job from the environment: coordinator_address "
-                         "should be defined; start every process with the same --coordinator_address"),
+@pytest.mark.parametrize(("script", "flags", "expected"), [
+    *[(script, ("--num_processes=2", "--process_id=0"),
+       "error: --num_processes, --process_id without --distributed: add --distributed to run as one of several "
+       "processes") for script in ("train.py", "align.py", "run_pipeline.py")],
+    ("run_pipeline.py", ("--distributed", "--coordinator_address=localhost"),
+     "error: --coordinator_address, --num_processes and --process_id go together"),
+    ("train.py", ("--distributed",), "error: --distributed: could not join the job from the environment: "
+                                     "coordinator_address should be defined; start every process with the same "
+                                     "--coordinator_address"),
 ])
-def test_meeting_mistakes_are_one_line(flags, expected):
-    """The second: no cluster in the environment (not SLURM, not a TPU VM) and no address given."""
-    assert user_error(run_script("train.py", *TINY, *flags)).startswith(expected)
+def test_meeting_mistakes_are_one_line(script, flags, expected):
+    """The last: no cluster in the environment (not SLURM, not a TPU VM) and no address given."""
+    assert user_error(run_script(script, *TINY, *flags)).startswith(expected)

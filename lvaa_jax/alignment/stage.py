@@ -138,8 +138,8 @@ def align_tables(tables: Mapping[str, EmbeddingTable], config: ml_collections.Co
     ``config`` is the ``align`` section of the study config. Returns the summary (headline numbers).
 
     In a job of several processes, every process calls it: the neighbour search shares its tiles over the
-    devices of every process; each process then scores the index sets it got back (the same, at the cost of
-    one), and process 0 writes the files.
+    devices of every process, each of which gets the whole lists back; process 0 alone then scores them
+    (cheap beside the search) and writes the files, while the others wait for its summary.
     """
     if len(tables) < 2:
         raise LvaaError(f"need at least two embedding tables to compare, got {len(tables)}")
@@ -179,50 +179,49 @@ def align_tables(tables: Mapping[str, EmbeddingTable], config: ml_collections.Co
         searched.append(np.asarray(kept))
     similarities = jnp.stack([v for v, _ in found])
     indices = jnp.stack([i for _, i in found])[..., :big_k]
-    head = indices[..., : s.k]
 
-    space_pairs = upper_pairs(len(names))
-    lp = LayerPairs.build(searched, space_pairs)
-    rows = jnp.asarray(lp.rows)
-    raw = map_chunks(lambda ids: overlap_totals(head, head, rows[jnp.minimum(ids, len(rows) - 1)]),
-                     len(rows), min(_LAYER_PAIR_CHUNK, len(rows)), "layer pairs")
-    best = lp.start + np.asarray([segment.argmax() for segment in np.split(raw, lp.start[1:])])
-    null = permutation_null(head, lp.rows, jax.random.fold_in(key, 0), s.permutations)
-    counts = overlap_counts(head, head, rows[np.concatenate([lp.last, best])])
-    boot = bootstrap_means(counts, jax.random.fold_in(key, 1), s.bootstrap) / s.k
-    ci_low, ci_high = percentile_interval(boot, CI_LEVEL)
-    sweep = np.asarray(sweep_totals(indices, rows[lp.last], s.sweep)) / (n * np.asarray(s.sweep))
+    def score_and_write() -> dict:  # process 0 alone, from the lists every process got
+        head = indices[..., : s.k]
+        space_pairs = upper_pairs(len(names))
+        lp = LayerPairs.build(searched, space_pairs)
+        rows = jnp.asarray(lp.rows)
+        raw = map_chunks(lambda ids: overlap_totals(head, head, rows[jnp.minimum(ids, len(rows) - 1)]),
+                         len(rows), min(_LAYER_PAIR_CHUNK, len(rows)), "layer pairs")
+        best = lp.start + np.asarray([segment.argmax() for segment in np.split(raw, lp.start[1:])])
+        null = permutation_null(head, lp.rows, jax.random.fold_in(key, 0), s.permutations)
+        counts = overlap_counts(head, head, rows[np.concatenate([lp.last, best])])
+        boot = bootstrap_means(counts, jax.random.fold_in(key, 1), s.bootstrap) / s.k
+        ci_low, ci_high = percentile_interval(boot, CI_LEVEL)
+        sweep = np.asarray(sweep_totals(indices, rows[lp.last], s.sweep)) / (n * np.asarray(s.sweep))
 
-    scale = n * s.k
-    scores = {}
-    for which, chosen, nulls in (("last", lp.last, null[:, lp.last]),
-                                 ("best", best, np.maximum.reduceat(null, lp.start, axis=1))):
-        mean = nulls.mean(0) / scale
-        scores[which] = dict(layers=lp.layers[chosen], precision=raw[chosen] / scale, null_mean=mean,
-                             calibrated=raw[chosen] / scale - mean, p_value=p_values(raw[chosen], nulls))
-    p = len(space_pairs)
-    scores["last"].update(ci_low=ci_low[:p], ci_high=ci_high[:p])
-    scores["best"].update(ci_low=ci_low[p:], ci_high=ci_high[p:])
+        scale = n * s.k
+        scores = {}
+        for which, chosen, nulls in (("last", lp.last, null[:, lp.last]),
+                                     ("best", best, np.maximum.reduceat(null, lp.start, axis=1))):
+            mean = nulls.mean(0) / scale
+            scores[which] = dict(layers=lp.layers[chosen], precision=raw[chosen] / scale, null_mean=mean,
+                                 calibrated=raw[chosen] / scale - mean, p_value=p_values(raw[chosen], nulls))
+        p = len(space_pairs)
+        scores["last"].update(ci_low=ci_low[:p], ci_high=ci_high[:p])
+        scores["best"].update(ci_low=ci_low[p:], ci_high=ci_high[p:])
 
-    last_rows = np.cumsum([len(kept) for kept in searched]) - 1
-    family, undefined = family_matrices(head, similarities[..., : s.k], last_rows, jax.random.fold_in(key, 0),
-                                        s.permutations)
-    values = np.asarray(similarities[last_rows])
-    ties = (values[..., s.k - 1] == values[..., s.k]).mean(1) if search_k > s.k else np.zeros(len(names))
+        last_rows = np.cumsum([len(kept) for kept in searched]) - 1
+        family, undefined = family_matrices(head, similarities[..., : s.k], last_rows, jax.random.fold_in(key, 0),
+                                            s.permutations)
+        values = np.asarray(similarities[last_rows])
+        ties = (values[..., s.k - 1] == values[..., s.k]).mean(1) if search_k > s.k else np.zeros(len(names))
 
-    last_spaces = [unit_rows(space(name, -1)[0]) for name in names]
-    rsa_rows = _rsa_rows(n, s.rsa_max_n, jax.random.fold_in(key, 2))
-    companions, companions_undefined = similarity_matrices(last_spaces, [x[rsa_rows] for x in last_spaces])
-    undefined |= companions_undefined
+        last_spaces = [unit_rows(space(name, -1)[0]) for name in names]
+        rsa_rows = _rsa_rows(n, s.rsa_max_n, jax.random.fold_in(key, 2))
+        companions, companions_undefined = similarity_matrices(last_spaces, [x[rsa_rows] for x in last_spaces])
+        undefined |= companions_undefined
 
-    summary = _summary(names, tables, n, s, space_pairs, scores, rsa_rows.size, skipped, ties, undefined)
-
-    def write() -> dict:
+        summary = _summary(names, tables, n, s, space_pairs, scores, rsa_rows.size, skipped, ties, undefined)
         _write(out_dir, summary, names, s, space_pairs, scores, companions | family, lp, raw, sweep, num_layers,
                extra_sections or {})
         return summary
 
-    return on_process_zero(write, f"the alignment files in {out_dir}")
+    return on_process_zero(score_and_write, f"the alignment files in {out_dir}")
 
 
 def _constant(x: jax.Array) -> bool:
