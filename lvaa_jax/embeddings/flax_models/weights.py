@@ -1,0 +1,103 @@
+"""A checkpoint's tensors as numpy, mapped onto a Flax parameter tree by name; no torch.
+
+safetensors files are read here rather than with the ``safetensors`` package because its numpy reader
+refuses bfloat16 (the dtype most large checkpoints ship in); the format is a JSON header and raw
+little-endian arrays, opened as memory maps so a model's bytes are read once, when placed on devices.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+from flax import traverse_util
+
+from lvaa_jax.errors import LvaaError
+
+SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+# Names older checkpoints give LayerNorm parameters (bert-base-uncased); transformers renames them on load.
+LEGACY_NAMES = {".weight": ".gamma", ".bias": ".beta"}
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a .safetensors file, as read-only memory-mapped numpy arrays."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    data = np.memmap(path, np.uint8, "r", offset=8 + size) if any(k != "__metadata__" for k in header) else None
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
+            raise LvaaError(f"{path}: tensor {name} has dtype {entry['dtype']}, which this reader does not know")
+        start, end = entry["data_offsets"]
+        tensors[name] = data[start:end].view(SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+    return tensors
+
+
+def checkpoint_tensors(folder: Path) -> dict[str, np.ndarray]:
+    """The tensors of every .safetensors file in a model folder (a sharded checkpoint has several)."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise LvaaError(f"{folder}: no *.safetensors weights (the jax backend reads safetensors only; "
+                        "set backend='torch' for .bin checkpoints)")
+    tensors: dict[str, np.ndarray] = {}
+    for file in files:
+        tensors.update(read_safetensors(file))
+    return tensors
+
+
+def _key(tensors: Mapping[str, np.ndarray], name: str) -> str | None:
+    """The checkpoint's key for a parameter: its name, or the legacy name of a LayerNorm's; None if absent."""
+    if name in tensors:
+        return name
+    for new, old in LEGACY_NAMES.items():
+        if name.endswith(new) and name[: -len(new)] + old in tensors:
+            return name[: -len(new)] + old
+    return None
+
+
+def _prefix(names: list[str], tensors: Mapping[str, np.ndarray]) -> str:
+    """The prefix under which the checkpoint holds the model (``""``, ``"model."`` for a causal LM,
+    ``"text_encoder."`` for BLIP's retrieval model, ...): the shortest one that holds every parameter."""
+    candidates: set[str] = set()
+    for name in names:
+        for full in (name, *(name[: -len(new)] + old for new, old in LEGACY_NAMES.items() if name.endswith(new))):
+            candidates |= {k[: -len(full)] for k in tensors if k.endswith(full) and (k == full or k[-len(full) - 1] == ".")}
+        if candidates:
+            break
+    ordered = sorted(candidates, key=len)
+    for prefix in ordered:
+        if all(_key(tensors, prefix + n) for n in names):
+            return prefix
+    return ordered[0] if ordered else ""
+
+
+def load_params(abstract: Mapping[str, Any], tensors: Mapping[str, np.ndarray], where: str) -> dict[str, Any]:
+    """The parameter tree shaped like ``abstract`` (the module's ``jax.eval_shape(init)``), filled with the
+    checkpoint's tensors of the same dotted names. Extra tensors (heads, a vision tower) are ignored; a
+    missing or misshapen one is an error, never a random weight."""
+    flat = traverse_util.flatten_dict(abstract)  # module names hold dots themselves: keep the path tuples
+    names = {path: ".".join(path) for path in flat}
+    prefix = _prefix(list(names.values()), tensors)
+    keys = {path: _key(tensors, prefix + name) for path, name in names.items()}
+    missing = [prefix + names[path] for path, key in keys.items() if key is None]
+    if missing:
+        raise LvaaError(f"{where}: the checkpoint lacks {len(missing)} weights the model needs "
+                        f"(e.g. {missing[0]}): is its kind right?")
+    params = {}
+    for path, key in keys.items():
+        if tuple(tensors[key].shape) != tuple(flat[path].shape):
+            raise LvaaError(f"{where}: weight {key} has shape {tuple(tensors[key].shape)}, the model expects "
+                            f"{tuple(flat[path].shape)}")
+        params[path] = tensors[key]
+    return traverse_util.unflatten_dict(params)
