@@ -91,15 +91,16 @@ def test_mpnet_relative_buckets_match_transformers():
     np.testing.assert_array_equal(mpnet.relative_buckets(length), MPNetEncoder.relative_position_bucket(distance).numpy())
 
 
-def test_buckets_bound_the_compilations(models):
-    assert [jax_models.bucket_length(n) for n in (1, 8, 9, 13, 17, 25, 33, 49, 65)] == [8, 8, 12, 16, 24, 32, 48, 64, 96]
-    assert jax_models.bucket_length(33, limit=36) == 36
-    assert [jax_models.bucket_rows(n, 8) for n in (1, 3, 9, 17)] == [8, 8, 16, 32]
+def test_planned_lengths_bound_the_compilations(models):
+    assert jax_models.plan_lengths([7, 10, 11], [32, 32, 2]) == [7, 10, 11]  # few lengths: no padding at all
+    assert jax_models.plan_lengths([5, 6, 7, 8, 9, 10], [1] * 6, programs=2) == [7, 10]  # 51 tokens; [6, 10]: 52
     loaded = jax_models.load_model(dict(source=models["llama"][0], kind="decoder", pooling="mean"), device="cpu")
-    texts = [" ".join(["go to the red ball"] * k) + f" {i}" for k in (1, 2, 3) for i in range(5)]
-    jax_models.encode(loaded, texts, batch_size=4, progress=False)
-    # 15 texts of 3 lengths in batches of 4: 3 length buckets, plus the last, smaller batch
-    assert len(loaded.programs) <= 4 and loaded.compile_seconds > 0
+    texts = [" ".join(["go to the red ball"] * k) + f" {word}" for k in (1, 2, 3, 4, 5, 6) for word in ("a", "box")]
+    jax_models.encode(loaded, texts, batch_size=2, progress=False)
+    assert len(loaded.programs) == jax_models.PROGRAMS and loaded.compile_seconds > 0  # 6 lengths in 4 programs
+    with pytest.raises(LvaaError, match="more than the model's 64 positions"):
+        jax_models.encode(jax_models.load_model(dict(source=models["bert"][0], kind="encoder", pooling="cls"),
+                                                device="cpu"), ["go " * 70], progress=False)
 
 
 def test_sharded_parameters_equal_unsharded():
@@ -124,11 +125,12 @@ def test_sharded_parameters_equal_unsharded():
 
     _, alone = run(jax_models.make_mesh(jax.devices()[:1], 1))
     placed, sharded = run(jax_models.make_mesh(jax.devices(), 4))
-    query = placed["layers.0"]["self_attn"]["q_proj"]["weight"]
-    assert query.sharding.spec == jax.sharding.PartitionSpec("model", None)
-    assert query.addressable_shards[0].data.shape == (8, 32)  # 32 query features over 4 devices
-    assert placed["layers.0"]["self_attn"]["o_proj"]["weight"].sharding.spec == jax.sharding.PartitionSpec(None, "model")
-    assert placed["embed_tokens"]["weight"].sharding.spec == jax.sharding.PartitionSpec(None, None)  # 30 rows: kept whole
+    P = jax.sharding.PartitionSpec
+    attention = placed["layers.{}"]["self_attn"]  # [layers, out, in]
+    assert attention["q_proj"]["weight"].sharding.spec == P(None, "model", None)
+    assert attention["q_proj"]["weight"].addressable_shards[0].data.shape == (2, 8, 32)  # 32 features / 4 devices
+    assert attention["o_proj"]["weight"].sharding.spec == P(None, None, "model")
+    assert placed["embed_tokens"]["weight"].sharding.spec == P(None, None)  # 30 rows: kept whole
     np.testing.assert_allclose(sharded, alone, atol=1e-5, rtol=1e-5)
 
 

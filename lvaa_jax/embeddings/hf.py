@@ -69,21 +69,28 @@ def tokenize(tokenizer: Any, texts: list[str], tensors: str) -> Any:
     return tokenizer(texts, padding=True, padding_side="right", return_tensors=tensors)
 
 
-def encode_in_batches(encode_batch: Callable[[list[str]], np.ndarray], spec: ModelSpec,
-                      instructions: Sequence[str], batch_size: int, progress: bool) -> np.ndarray:
-    """``encode_batch`` over batches of similar length (less padding; the same result, since padding changes
-    nothing), with a progress bar, back in the instructions' order: float32 [..., N, D]."""
-    items = check_instructions(instructions, spec.where)
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
+    """The instructions' indices in batches of similar length, shortest first: less padding, and the same
+    result, since padding changes nothing."""
     if batch_size < 1:
         raise LvaaError(f"embed.batch_size: must be at least 1, got {batch_size}")
-    order = np.argsort([len(t) for t in items], kind="stable")
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    order = np.argsort(lengths, kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def encode_in_batches(encode_batch: Callable[[list[str]], np.ndarray], spec: ModelSpec,
+                      instructions: Sequence[str], batch_size: int, progress: bool,
+                      lengths: Sequence[int] | None = None) -> np.ndarray:
+    """``encode_batch`` over ``length_batches`` (by ``lengths``, default the characters), with a progress bar,
+    back in the instructions' order: float32 [..., N, D]."""
+    items = check_instructions(instructions, spec.where)
+    batches = length_batches([len(t) for t in items] if lengths is None else lengths, batch_size)
     label = spec.name or spec.source
     chunks = [encode_batch([items[j] for j in b])
               for b in progress_bar(batches, desc=f"embed {label}", unit="batch", disable=not progress)]
     pooled = np.concatenate(chunks, axis=-2)
     embeddings = np.empty_like(pooled)
-    embeddings[..., order, :] = pooled
+    embeddings[..., np.concatenate(batches), :] = pooled
     return embeddings
 
 

@@ -2,9 +2,11 @@
 
 Weights come from safetensors (a hub snapshot, a local folder, or the cache's de-quantised copy of a GGUF),
 tokenizers from Hugging Face ``tokenizers``. The forward pass and the pooling are one jitted program per
-(rows, length) bucket, so a model compiles a few times, not once per batch shape; the batch is split over
-the mesh's ``data`` axis, and a model too large for one device has its weight matrices split over a
-``model`` axis (Megatron-style: column-parallel in, row-parallel out).
+(rows, length) shape, and an encode call plans a few padded lengths (``plan_lengths``), so a model compiles a
+few times, not once per batch; compiled programs are kept in the user cache (XLA's persistent compilation
+cache), so a second run compiles nothing. The batch is split over the mesh's ``data`` axis, and a model too
+large for one device has its weight matrices split over a ``model`` axis (Megatron-style: column-parallel
+in, row-parallel out).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lvaa_jax.embeddings import flax_models, hf, pooling, sources
+from lvaa_jax.embeddings.controls import check_instructions
 from lvaa_jax.embeddings.flax_models.layers import Unsupported
 from lvaa_jax.embeddings.flax_models.weights import checkpoint_tensors, load_params
 from lvaa_jax.embeddings.spec import ModelSpec
@@ -31,6 +34,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 PLATFORMS = {"cpu": "cpu", "cuda": "gpu", "gpu": "gpu", "tpu": "tpu"}
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]  # config, weights, tokenizer
 MEMORY_FRACTION = 0.5  # parameters may fill this much of a device; more and they are split over `model`
+PROGRAMS = 4  # padded lengths per encode call: compilations, against padding (see plan_lengths)
 
 
 @dataclasses.dataclass
@@ -192,12 +196,19 @@ def _forward(module: nn.Module, spec: ModelSpec) -> Callable:
     return jax.jit(forward)
 
 
+def use_compilation_cache() -> None:
+    """XLA's persistent compilation cache in lvaa_jax's user cache, unless the user has set one."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(sources.cache_dir() / "xla"))
+
+
 def load_model(spec: Any, *, device: str = "auto", model_parallel: int = 0) -> LoadedModel:
     """Locates, reads and places a model on the devices; raises LvaaError on any miss.
 
     ``model_parallel``: devices per parameter copy (0: as few as the parameters fit in, see model_axis_size)."""
     spec = ModelSpec.parse(spec)
     devices = _devices(device)
+    use_compilation_cache()
     start = time.perf_counter()
     located = sources.locate(spec)
     if located.folder is None:
@@ -222,19 +233,21 @@ def load_model(spec: Any, *, device: str = "auto", model_parallel: int = 0) -> L
 # ---------------------------------------------------------------------------------------------------
 # Encoding.
 
-def bucket_length(length: int, limit: int | None = None) -> int:
-    """``length`` rounded up to 8, 12, 16, 24, 32, 48, ... (powers of two and 1.5 times them: at most a third
-    of a batch is padding), but never past a model's ``limit``."""
-    bucket = 8
-    while bucket < length:
-        bucket = bucket * 3 // 2 if bucket & (bucket - 1) == 0 else bucket * 4 // 3
-    return min(bucket, limit) if limit else bucket
-
-
-def bucket_rows(rows: int, data: int) -> int:
-    """``rows`` rounded up to a power of two and to a multiple of the ``data`` axis."""
-    bucket = 1 << max(rows - 1, 0).bit_length()
-    return -(-bucket // data) * data
+def plan_lengths(longest: Sequence[int], rows: Sequence[int], programs: int = PROGRAMS) -> list[int]:
+    """At most ``programs`` padded lengths for batches whose longest instructions have ``longest`` tokens (and
+    ``rows`` rows), chosen among those lengths to pad the fewest tokens (dynamic programming over the sorted
+    distinct lengths); a batch runs at the shortest planned length that holds it."""
+    distinct = sorted(set(longest))
+    weight = [sum(r for n, r in zip(longest, rows, strict=True) if n == d) for d in distinct]
+    # best[k][j]: fewest tokens for the j shortest distinct lengths with k planned lengths, and its plan
+    best = [[(0, [])] + [(float("inf"), [])] * len(distinct)]
+    for _ in range(min(programs, len(distinct))):
+        row = [(0, [])]
+        for j in range(1, len(distinct) + 1):
+            row.append(min(((best[-1][i][0] + distinct[j - 1] * sum(weight[i:j]), best[-1][i][1] + [distinct[j - 1]])
+                            for i in range(j)), key=lambda c: c[0]))
+        best.append(row)
+    return best[-1][-1][1]
 
 
 def _program(loaded: LoadedModel, rows: int, length: int) -> Any:
@@ -250,14 +263,12 @@ def _program(loaded: LoadedModel, rows: int, length: int) -> Any:
     return loaded.programs[key]
 
 
-def _encode_batch(loaded: LoadedModel, texts: list[str]) -> np.ndarray:
+def _encode_batch(loaded: LoadedModel, texts: list[str], lengths: list[int]) -> np.ndarray:
     batch = hf.tokenize(loaded.tokenizer, texts, "np")
     ids, mask = batch["input_ids"], batch["attention_mask"].astype(bool)
     n, t = ids.shape
-    if loaded.max_length and t > loaded.max_length:
-        raise LvaaError(f"{loaded.spec.where}: an instruction of {t} tokens is longer than the model's "
-                        f"{loaded.max_length} positions")
-    rows, length = bucket_rows(n, loaded.mesh.shape["data"]), bucket_length(t, loaded.max_length)
+    data = loaded.mesh.shape["data"]
+    rows, length = -(-n // data) * data, min(p for p in lengths if p >= t)
     padded_ids = np.full((rows, length), loaded.tokenizer.pad_token_id, np.int32)
     padded_mask = np.zeros((rows, length), bool)
     padded_ids[:n, :t], padded_mask[:n, :t] = ids, mask
@@ -270,9 +281,21 @@ def _encode_batch(loaded: LoadedModel, texts: list[str]) -> np.ndarray:
 
 def encode(loaded: LoadedModel, instructions: Sequence[str], *, batch_size: int = 64,
            progress: bool = True) -> np.ndarray:
-    """float32 [N, D], or [layers + 1, N, D] with layers='all' (index 0: the input embeddings)."""
-    return hf.encode_in_batches(lambda texts: _encode_batch(loaded, texts), loaded.spec, instructions, batch_size,
-                                progress)
+    """float32 [N, D], or [layers + 1, N, D] with layers='all' (index 0: the input embeddings).
+
+    Batches are made by token count and padded to at most PROGRAMS lengths planned from the batches' longest
+    instructions, so a call compiles at most PROGRAMS + 1 programs (the last, smaller batch has its own)."""
+    spec = loaded.spec
+    items = check_instructions(instructions, spec.where)
+    tokens = [len(ids) for ids in loaded.tokenizer(items)["input_ids"]]
+    if loaded.max_length and max(tokens) > loaded.max_length:
+        longest = items[int(np.argmax(tokens))]
+        raise LvaaError(f"{spec.where}: {longest!r} has {max(tokens)} tokens, more than the model's "
+                        f"{loaded.max_length} positions")
+    batches = hf.length_batches(tokens, batch_size)
+    lengths = plan_lengths([max(tokens[i] for i in b) for b in batches], [len(b) for b in batches])
+    return hf.encode_in_batches(lambda texts: _encode_batch(loaded, texts, lengths), spec, items, batch_size,
+                                progress, lengths=tokens)
 
 
 def embed(spec: ModelSpec, instructions: Sequence[str], *, batch_size: int, device: str,

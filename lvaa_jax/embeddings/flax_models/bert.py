@@ -22,6 +22,7 @@ from lvaa_jax.embeddings.flax_models.layers import (
     Unsupported,
     activation,
     key_mask,
+    stack,
 )
 
 
@@ -58,14 +59,15 @@ class BertLayer(nn.Module):
     attention_norm: str = "attention.output.LayerNorm"
 
     @nn.compact
-    def __call__(self, x: jax.Array, allowed: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, allowed: jax.Array, bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         c, width = self.config, self.config.hidden_size
         h = Attention(c.num_heads, width // c.num_heads, names=self.attention_names, qkv_bias=True, out_bias=True,
                       dtype=self.dtype, name="attention")(x, allowed, bias=bias)
         x = LayerNorm(c.eps, self.dtype, name=self.attention_norm)(h + x)
         h = activation(c.activation)(Linear(c.intermediate_size, dtype=self.dtype, name="intermediate.dense")(x))
         h = Linear(width, parallel="row", dtype=self.dtype, name="output.dense")(h)
-        return LayerNorm(c.eps, self.dtype, name="output.LayerNorm")(h + x)
+        x = LayerNorm(c.eps, self.dtype, name="output.LayerNorm")(h + x)
+        return x, x
 
 
 class Bert(nn.Module):
@@ -81,9 +83,5 @@ class Bert(nn.Module):
             x = x + types(jnp.zeros_like(ids))
         positions = Embed(c.max_positions, c.hidden_size, self.dtype, name="embeddings.position_embeddings")
         x = LayerNorm(c.eps, self.dtype, name="embeddings.LayerNorm")(x + positions(jnp.arange(ids.shape[1])))
-        allowed = key_mask(mask)
-        states = [x]
-        for i in range(c.num_layers):
-            x = BertLayer(c, self.dtype, name=f"encoder.layer.{i}")(x, allowed)
-            states.append(x)
-        return tuple(states)
+        _, states = stack(BertLayer, c.num_layers)(c, self.dtype, name="encoder.layer.{}")(x, key_mask(mask))
+        return (x, *states)

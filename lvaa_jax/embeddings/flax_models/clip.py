@@ -22,6 +22,7 @@ from lvaa_jax.embeddings.flax_models.layers import (
     Linear,
     activation,
     key_mask,
+    stack,
 )
 
 
@@ -51,13 +52,14 @@ class ClipLayer(nn.Module):
     dtype: Dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array, allowed: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, allowed: jax.Array) -> tuple[jax.Array, jax.Array]:
         c, width = self.config, self.config.hidden_size
         attention = Attention(c.num_heads, width // c.num_heads, names=("q_proj", "k_proj", "v_proj", "out_proj"),
                               qkv_bias=True, out_bias=True, dtype=self.dtype, name="self_attn")
         x = x + attention(LayerNorm(c.eps, self.dtype, name="layer_norm1")(x), allowed)
         h = Linear(c.intermediate_size, dtype=self.dtype, name="mlp.fc1")(LayerNorm(c.eps, self.dtype, name="layer_norm2")(x))
-        return x + Linear(width, parallel="row", dtype=self.dtype, name="mlp.fc2")(activation(c.activation)(h))
+        x = x + Linear(width, parallel="row", dtype=self.dtype, name="mlp.fc2")(activation(c.activation)(h))
+        return x, x
 
 
 class ClipText(nn.Module):
@@ -70,12 +72,9 @@ class ClipText(nn.Module):
         x = Embed(c.vocab_size, c.hidden_size, self.dtype, name="text_model.embeddings.token_embedding")(ids)
         positions = Embed(c.max_positions, c.hidden_size, self.dtype, name="text_model.embeddings.position_embedding")
         x = x + positions(jnp.arange(ids.shape[1]))
-        allowed = key_mask(mask, causal=True)
-        states = [x]
-        for i in range(c.num_layers):
-            x = ClipLayer(c, self.dtype, name=f"text_model.encoder.layers.{i}")(x, allowed)
-            states.append(x)
-        states[-1] = LayerNorm(c.eps, self.dtype, name="text_model.final_layer_norm")(x)
+        layers = stack(ClipLayer, c.num_layers)(c, self.dtype, name="text_model.encoder.layers.{}")
+        last, states = layers(x, key_mask(mask, causal=True))
+        states = [x, *states[:-1], LayerNorm(c.eps, self.dtype, name="text_model.final_layer_norm")(last)]
         if c.projection_dim:  # the end-of-text state, found as transformers does: the first eos_token_id, or
             # for old configs that say 2 (before transformers#24773) the highest token id
             eos = jnp.argmax(ids, axis=1) if c.eos_token_id == 2 else jnp.argmax(ids == c.eos_token_id, axis=1)

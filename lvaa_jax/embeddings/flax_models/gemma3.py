@@ -28,6 +28,8 @@ from lvaa_jax.embeddings.flax_models.layers import (
     key_mask,
     rope_frequencies,
     rotary_tables,
+    scan_windows,
+    stack,
 )
 from lvaa_jax.embeddings.flax_models.llama import layer_windows
 
@@ -68,7 +70,8 @@ class Gemma3Block(nn.Module):
     dtype: Dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array, allowed: jax.Array, rotary: tuple[np.ndarray, np.ndarray]) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array, window: jax.Array, cos: jax.Array,
+                 sin: jax.Array) -> tuple[jax.Array, jax.Array]:
         c = self.config
 
         def norm(name: str) -> RMSNorm:
@@ -77,9 +80,11 @@ class Gemma3Block(nn.Module):
         attention = Attention(c.num_heads, c.head_dim, c.num_kv_heads, qkv_bias=c.attention_bias,
                               out_bias=c.attention_bias, scale=c.query_scale, qk_norm_eps=c.eps, softcap=c.softcap,
                               dtype=self.dtype, name="self_attn")
-        x = x + norm("post_attention_layernorm")(attention(norm("input_layernorm")(x), allowed, rotary))
+        allowed = key_mask(mask, causal=True, window=window)
+        x = x + norm("post_attention_layernorm")(attention(norm("input_layernorm")(x), allowed, (cos, sin)))
         mlp = GatedMLP(c.intermediate_size, c.activation, dtype=self.dtype, name="mlp")
-        return x + norm("post_feedforward_layernorm")(mlp(norm("pre_feedforward_layernorm")(x)))
+        x = x + norm("post_feedforward_layernorm")(mlp(norm("pre_feedforward_layernorm")(x)))
+        return x, x
 
 
 class Gemma3(nn.Module):
@@ -92,10 +97,7 @@ class Gemma3(nn.Module):
         x = Embed(c.vocab_size, c.hidden_size, self.dtype, name="embed_tokens")(ids)
         x = x * jnp.asarray(c.hidden_size ** 0.5, self.dtype)
         rotary = {t: rotary_tables(np.asarray(f, np.float32), ids.shape[1]) for t, f in c.inverse_frequencies}
-        states = [x]
-        for i, (kind, window) in enumerate(zip(c.layer_types, c.windows, strict=True)):
-            allowed = key_mask(mask, causal=True, window=window)
-            x = Gemma3Block(c, self.dtype, name=f"layers.{i}")(x, allowed, rotary[kind])
-            states.append(x)
-        states[-1] = RMSNorm(c.eps, 1.0, self.dtype, name="norm")(x)
-        return tuple(states)
+        cos, sin = (np.stack([rotary[t][i] for t in c.layer_types]) for i in (0, 1))  # [layers, T, head_dim]
+        layers = stack(Gemma3Block, len(c.layer_types), in_axes=(nn.broadcast, 0, 0, 0))
+        last, states = layers(c, self.dtype, name="layers.{}")(x, mask, scan_windows(c.windows), cos, sin)
+        return (x, *states[:-1], RMSNorm(c.eps, 1.0, self.dtype, name="norm")(last))

@@ -12,7 +12,7 @@ attention scores and softmax are float32 whatever the dtype, as in transformers.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -162,9 +162,10 @@ def rotate(x: jax.Array, cos: np.ndarray, sin: np.ndarray) -> jax.Array:
 # ---------------------------------------------------------------------------------------------------
 # Attention.
 
-def key_mask(mask: jax.Array, causal: bool = False, window: int | None = None) -> jax.Array:
+def key_mask(mask: jax.Array, causal: bool = False, window: Any = None) -> jax.Array:
     """Which keys each query sees, [B, T, T] bool: the real tokens (``mask`` [B, T]), causally, and within a
-    sliding ``window`` (query i sees keys j with i - window < j, as transformers' sliding layers)."""
+    sliding ``window`` (query i sees keys j with i - window < j, as transformers' sliding layers; an int, or a
+    traced one inside a scan over layers)."""
     t = mask.shape[1]
     allowed = jnp.broadcast_to(mask[:, None, :], (mask.shape[0], t, t))
     query, key = np.arange(t)[:, None], np.arange(t)[None, :]
@@ -251,3 +252,18 @@ class GatedMLP(nn.Module):
         up = Linear(self.hidden, self.use_bias, dtype=self.dtype, name=self.names[1])(x)
         down = Linear(x.shape[-1], self.use_bias, "row", self.dtype, name=self.names[2])
         return down(activation(self.activation)(gate) * up)
+
+
+def stack(block: type[nn.Module], length: int, in_axes: Any = nn.broadcast) -> type[nn.Module]:
+    """``block`` applied ``length`` times by one ``nn.scan``: XLA compiles one layer instead of ``length``
+    copies (compile time no longer grows with depth; run time is the same). ``block`` maps (x, *inputs) to
+    (x, x); the stack maps (x, *inputs) to (last x, every layer's x [length, ...]), ``inputs`` shared by every
+    layer or, where ``in_axes`` says 0, one row per layer. Its parameters have a leading layer axis; named
+    ``"...{}"``, ``weights.load_params`` fills row i from the checkpoint's layer i."""
+    return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=in_axes, length=length,
+                   metadata_params={nn.PARTITION_NAME: None})
+
+
+def scan_windows(windows: Sequence[int | None]) -> np.ndarray:
+    """Per-layer sliding windows as the int32 row a scan reads (a global layer's window covers everything)."""
+    return np.asarray([w if w is not None else np.iinfo(np.int32).max // 2 for w in windows], np.int32)

@@ -27,6 +27,8 @@ from lvaa_jax.embeddings.flax_models.layers import (
     key_mask,
     rope_frequencies,
     rotary_tables,
+    scan_windows,
+    stack,
 )
 
 
@@ -74,13 +76,16 @@ class LlamaBlock(nn.Module):
     dtype: Dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array, allowed: jax.Array, rotary: tuple[np.ndarray, np.ndarray]) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array, window: jax.Array,
+                 rotary: tuple[np.ndarray, np.ndarray]) -> tuple[jax.Array, jax.Array]:
         c = self.config
         attention = Attention(c.num_heads, c.head_dim, c.num_kv_heads, qkv_bias=c.qkv_bias, out_bias=c.out_bias,
                               dtype=self.dtype, name="self_attn")
+        allowed = key_mask(mask, causal=True, window=window)
         x = x + attention(RMSNorm(c.eps, dtype=self.dtype, name="input_layernorm")(x), allowed, rotary)
         mlp = GatedMLP(c.intermediate_size, c.activation, c.mlp_bias, dtype=self.dtype, name="mlp")
-        return x + mlp(RMSNorm(c.eps, dtype=self.dtype, name="post_attention_layernorm")(x))
+        x = x + mlp(RMSNorm(c.eps, dtype=self.dtype, name="post_attention_layernorm")(x))
+        return x, x
 
 
 class Llama(nn.Module):
@@ -92,9 +97,6 @@ class Llama(nn.Module):
         c = self.config
         x = Embed(c.vocab_size, c.hidden_size, self.dtype, name="embed_tokens")(ids)
         rotary = rotary_tables(np.asarray(c.inverse_frequencies, np.float32), ids.shape[1])
-        states = [x]
-        for i, window in enumerate(c.windows):
-            x = LlamaBlock(c, self.dtype, name=f"layers.{i}")(x, key_mask(mask, causal=True, window=window), rotary)
-            states.append(x)
-        states[-1] = RMSNorm(c.eps, dtype=self.dtype, name="norm")(x)
-        return tuple(states)
+        layers = stack(LlamaBlock, len(c.windows), in_axes=(nn.broadcast, 0, nn.broadcast))
+        last, states = layers(c, self.dtype, name="layers.{}")(x, mask, scan_windows(c.windows), rotary)
+        return (x, *states[:-1], RMSNorm(c.eps, dtype=self.dtype, name="norm")(last))

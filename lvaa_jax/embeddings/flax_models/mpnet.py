@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lvaa_jax.embeddings.flax_models.bert import BertConfig, BertLayer
-from lvaa_jax.embeddings.flax_models.layers import Dtype, Embed, LayerNorm, key_mask
+from lvaa_jax.embeddings.flax_models.layers import Dtype, Embed, LayerNorm, key_mask, stack
 
 PADDING_IDX = 1  # fixed in transformers' MPNetEmbeddings, whatever the config's pad_token_id
 BUCKETS, MAX_DISTANCE = 32, 128  # transformers' compute_position_bias defaults (the embedding has config's rows)
@@ -60,11 +60,7 @@ class MPNet(nn.Module):
         x = LayerNorm(c.eps, self.dtype, name="embeddings.LayerNorm")(x)
         table = Embed(c.relative_buckets, c.num_heads, jnp.float32, name="encoder.relative_attention_bias")
         bias = table(relative_buckets(ids.shape[1])).transpose(2, 0, 1)[None]  # [1, heads, T, T]
-        allowed = key_mask(mask)
-        names = ("attn.q", "attn.k", "attn.v", "attn.o")
-        states = [x]
-        for i in range(c.num_layers):
-            layer = BertLayer(c, self.dtype, names, "attention.LayerNorm", name=f"encoder.layer.{i}")
-            x = layer(x, allowed, bias)
-            states.append(x)
-        return tuple(states)
+        layers = stack(BertLayer, c.num_layers)(c, self.dtype, ("attn.q", "attn.k", "attn.v", "attn.o"),
+                                                "attention.LayerNorm", name="encoder.layer.{}")
+        _, states = layers(x, key_mask(mask), bias)
+        return (x, *states)

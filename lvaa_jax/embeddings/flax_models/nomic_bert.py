@@ -26,6 +26,7 @@ from lvaa_jax.embeddings.flax_models.layers import (
     key_mask,
     rope_frequencies,
     rotary_tables,
+    stack,
 )
 
 
@@ -56,13 +57,14 @@ class NomicBertLayer(nn.Module):
     dtype: Dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array, allowed: jax.Array, rotary: tuple[np.ndarray, np.ndarray]) -> jax.Array:
+    def __call__(self, x: jax.Array, allowed: jax.Array, rotary: tuple[np.ndarray, np.ndarray]) -> tuple[jax.Array, jax.Array]:
         c = self.config
         attention = Attention(c.num_heads, c.head_dim, names=("Wqkv", "", "", "out_proj"), fused_qkv=True,
                               dtype=self.dtype, name="attn")
         x = LayerNorm(c.eps, self.dtype, name="norm1")(x + attention(x, allowed, rotary))
         h = GatedMLP(c.intermediate_size, c.activation, names=("fc12", "fc11", "fc2"), dtype=self.dtype, name="mlp")(x)
-        return LayerNorm(c.eps, self.dtype, name="norm2")(x + h)
+        x = LayerNorm(c.eps, self.dtype, name="norm2")(x + h)
+        return x, x
 
 
 class NomicBert(nn.Module):
@@ -76,9 +78,6 @@ class NomicBert(nn.Module):
         types = Embed(c.type_vocab_size, c.hidden_size, self.dtype, name="embeddings.token_type_embeddings")
         x = LayerNorm(c.eps, self.dtype, name="emb_ln")(x + types(jnp.zeros_like(ids)))
         rotary = rotary_tables(np.asarray(c.inverse_frequencies, np.float32), ids.shape[1])
-        allowed = key_mask(mask)
-        states = [x]
-        for i in range(c.num_layers):
-            x = NomicBertLayer(c, self.dtype, name=f"encoder.layers.{i}")(x, allowed, rotary)
-            states.append(x)
-        return tuple(states)
+        layers = stack(NomicBertLayer, c.num_layers)(c, self.dtype, name="encoder.layers.{}")
+        _, states = layers(x, key_mask(mask), rotary)
+        return (x, *states)

@@ -84,20 +84,24 @@ def _prefix(names: list[str], tensors: Mapping[str, np.ndarray]) -> str:
 
 def load_params(abstract: Mapping[str, Any], tensors: Mapping[str, np.ndarray], where: str) -> dict[str, Any]:
     """The parameter tree shaped like ``abstract`` (the module's ``jax.eval_shape(init)``), filled with the
-    checkpoint's tensors of the same dotted names. Extra tensors (heads, a vision tower) are ignored; a
+    checkpoint's tensors of the same dotted names; a name with ``{}`` (a stack of layers) is filled row by row,
+    row i from the name with i in place of ``{}``. Extra tensors (heads, a vision tower) are ignored; a
     missing or misshapen one is an error, never a random weight."""
     flat = traverse_util.flatten_dict(abstract)  # module names hold dots themselves: keep the path tuples
-    names = {path: ".".join(path) for path in flat}
+    names = {(path, row): ".".join(path).replace("{}", str(row))
+             for path, leaf in flat.items() for row in (range(leaf.shape[0]) if "{}" in ".".join(path) else [None])}
     prefix = _prefix(list(names.values()), tensors)
-    keys = {path: _key(tensors, prefix + name) for path, name in names.items()}
-    missing = [prefix + names[path] for path, key in keys.items() if key is None]
+    keys = {slot: _key(tensors, prefix + name) for slot, name in names.items()}
+    missing = [prefix + names[slot] for slot, key in keys.items() if key is None]
     if missing:
         raise LvaaError(f"{where}: the checkpoint lacks {len(missing)} weights the model needs "
                         f"(e.g. {missing[0]}): is its kind right?")
-    params = {}
-    for path, key in keys.items():
-        if tuple(tensors[key].shape) != tuple(flat[path].shape):
+    rows: dict[tuple[str, ...], list[np.ndarray]] = {}
+    for (path, row), key in keys.items():
+        expected = flat[path].shape[1:] if row is not None else flat[path].shape
+        if tuple(tensors[key].shape) != tuple(expected):
             raise LvaaError(f"{where}: weight {key} has shape {tuple(tensors[key].shape)}, the model expects "
-                            f"{tuple(flat[path].shape)}")
-        params[path] = tensors[key]
+                            f"{tuple(expected)}")
+        rows.setdefault(path, []).append(tensors[key])
+    params = {path: np.stack(r) if "{}" in ".".join(path) else r[0] for path, r in rows.items()}
     return traverse_util.unflatten_dict(params)
