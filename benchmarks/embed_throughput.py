@@ -116,6 +116,15 @@ def layer_error(ours: np.ndarray, reference: np.ndarray) -> float:
     return float((np.abs(ours - reference).max(axis=(1, 2)) / np.sqrt((reference ** 2).mean(axis=(1, 2)))).max())
 
 
+def knn_agreement(ours: np.ndarray, reference: np.ndarray, k: int = 15) -> float:
+    """The lowest precision@k between the backends' tables over layers: 1.0 when every instruction has the
+    same k neighbours in both (up to float near-ties), what the study's headline scores rest on."""
+    from lvaa_jax.alignment import precision_at_k
+
+    ours, reference = ours.reshape((-1, *ours.shape[-2:])), reference.reshape((-1, *reference.shape[-2:]))
+    return min(precision_at_k(a, b, k) for a, b in zip(ours, reference, strict=True))
+
+
 def sentence_transformers_run(model):
     """sentence-transformers' encode of the same folder (all-MiniLM-L6-v2), or None where not installed."""
     try:
@@ -154,8 +163,8 @@ def main(_) -> None:
                   f"{cached['peak_gb']:.2f} |", flush=True)
 
     print("\n| model | layers x dim | batch | " + " | ".join(f"{b} instr/s" for b in args.backends)
-          + " | jax / torch | jax compile (s) | max error / layer RMS |")
-    print("| --- | --- | --- | " + "--- | " * len(args.backends) + "--- | --- | --- |")
+          + " | jax / torch | jax compile (s) | max error / layer RMS | kNN@15 agreement |")
+    print("| --- | --- | --- | " + "--- | " * len(args.backends) + "--- | --- | --- | --- |")
     for name in names:
         compare(name, panel[name], instructions, batch_sizes)
 
@@ -179,12 +188,13 @@ def compare(name: str, spec: dict, instructions: list[str], batch_sizes: list[in
         shape = outputs[args.backends[0]].shape
         ratio = seconds["torch"] / seconds["jax"] if both else float("nan")
         error = layer_error(outputs["jax"], outputs["torch"]) if both else float("nan")
+        agreement = knn_agreement(outputs["jax"], outputs["torch"]) if both else float("nan")
         rates = " | ".join(f"{len(instructions) / seconds[b]:.0f}" for b in args.backends)
         print(f"| {name} | {' x '.join(map(str, shape[:-2] + shape[-1:]))} | {size} | {rates} | {ratio:.2f}x | "
-              f"{compile_seconds:.1f} | {error:.1e} |", flush=True)
+              f"{compile_seconds:.1f} | {error:.1e} | {agreement:.3f} |", flush=True)
         if "sentence-transformers" in seconds:
             print(f"|   sentence-transformers (last layer only) | | {size} | "
-                  f"{len(instructions) / seconds['sentence-transformers']:.0f} instr/s | | | | |", flush=True)
+                  f"{len(instructions) / seconds['sentence-transformers']:.0f} instr/s | | | | | |", flush=True)
 
 
 if __name__ == "__main__":

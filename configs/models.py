@@ -10,15 +10,17 @@ Each entry is one embedding space (read by lvaa_jax.embeddings.spec.ModelSpec):
 - ``gguf_file``: the GGUF file inside ``source`` (de-quantised once, then cached); ``revision``: a hub
   branch, tag or commit (hub ids only); ``dtype``: float32 | bfloat16 | float16 for the forward pass
   (embeddings are float32 whatever it is).
+- ``backend``: auto (JAX where lvaa_jax implements the architecture, else PyTorch) | jax | torch
+  (docs/flax_models.md).
 """
 
 import ml_collections
 
 
-def _model(source, kind, pooling, layers="all", gguf_file="", revision="", dtype="float32"):
+def _model(source, kind, pooling, layers="all", gguf_file="", revision="", dtype="float32", backend="auto"):
     return ml_collections.ConfigDict(
         dict(source=source, kind=kind, pooling=pooling, layers=layers, gguf_file=gguf_file,
-             revision=revision, dtype=dtype)
+             revision=revision, dtype=dtype, backend=backend)
     )
 
 

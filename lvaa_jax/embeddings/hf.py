@@ -94,6 +94,14 @@ def encode_in_batches(encode_batch: Callable[[list[str]], np.ndarray], spec: Mod
     return embeddings
 
 
+def installed_version(package: str) -> str:
+    """The package's version, "" where it is not installed (a torch space then fails when it runs, saying so)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
 def backend_of(spec: ModelSpec, located: sources.Located) -> str:
     """The backend that runs a space: the spec's, or for ``auto`` jax where it implements the model (read from
     its config, no weights), else torch; "auto" while a hub model is not downloaded yet."""
@@ -131,7 +139,7 @@ def space_meta(spec: Any, backend: str = "") -> dict[str, Any]:
         "weights_sha256": {f.name: sources.file_sha256(f) for f in files},
         "backend": backend,
         "transformers_version": transformers.__version__,
-        **{f"{p}_version": importlib.metadata.version(p) for p in BACKEND_PACKAGES.get(backend, ())},
+        **{f"{p}_version": installed_version(p) for p in BACKEND_PACKAGES.get(backend, ())},
     }
 
 

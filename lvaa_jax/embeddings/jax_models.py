@@ -107,7 +107,7 @@ def _folder(spec: ModelSpec, located: sources.Located, make: bool = True) -> Pat
         except LvaaError:
             raise LvaaError(f"{spec.where}: {located.gguf_file} must be de-quantised once into the cache, which "
                             "needs torch (transformers' GGUF reader): run this model once where torch is installed "
-                            f"(pip install -e .[hf]), or copy {sources.dequantized_path(located)} from a machine "
+                            f"(pip install -e .[hf,torch]), or copy {sources.dequantized_path(located)} from a machine "
                             "that has it") from None
         torch_models.save_dequantized(located, spec, folder)
 

@@ -24,7 +24,7 @@ try:
     import torch
     import transformers
 except ImportError as e:
-    raise LvaaError(f"the torch backend needs {e.name}: install the hf extra: pip install -e .[hf]") from None
+    raise LvaaError(f"the torch backend needs {e.name}: pip install -e .[hf,torch]") from None
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
