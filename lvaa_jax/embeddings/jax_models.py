@@ -238,16 +238,15 @@ def plan_lengths(longest: Sequence[int], rows: Sequence[int], programs: int = PR
     ``rows`` rows), chosen among those lengths to pad the fewest tokens (dynamic programming over the sorted
     distinct lengths); a batch runs at the shortest planned length that holds it."""
     distinct = sorted(set(longest))
-    weight = [sum(r for n, r in zip(longest, rows, strict=True) if n == d) for d in distinct]
-    # best[k][j]: fewest tokens for the j shortest distinct lengths with k planned lengths, and its plan
-    best = [[(0, [])] + [(float("inf"), [])] * len(distinct)]
+    below = np.cumsum([0] + [sum(r for n, r in zip(longest, rows, strict=True) if n == d) for d in distinct])
+    # best[j]: the fewest tokens for the batches of the j shortest lengths (rows below[j]), and its plan;
+    # each round allows one more planned length: the last one planned for them is distinct[j - 1]
+    best = [(0, [])] + [(float("inf"), [])] * len(distinct)
     for _ in range(min(programs, len(distinct))):
-        row = [(0, [])]
-        for j in range(1, len(distinct) + 1):
-            row.append(min(((best[-1][i][0] + distinct[j - 1] * sum(weight[i:j]), best[-1][i][1] + [distinct[j - 1]])
-                            for i in range(j)), key=lambda c: c[0]))
-        best.append(row)
-    return best[-1][-1][1]
+        best = [(0, [])] + [min(((best[i][0] + distinct[j - 1] * (below[j] - below[i]), best[i][1] + [distinct[j - 1]])
+                                 for i in range(j)), key=lambda option: option[0])
+                            for j in range(1, len(distinct) + 1)]
+    return best[-1][1]
 
 
 def _program(loaded: LoadedModel, rows: int, length: int) -> Any:
