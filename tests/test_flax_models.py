@@ -135,6 +135,17 @@ def test_sharded_parameters_equal_unsharded():
     np.testing.assert_allclose(sharded, alone, atol=1e-5, rtol=1e-5)
 
 
+def test_parameters_split_only_when_they_do_not_fit():
+    class Device:
+        def memory_stats(self):
+            return {"bytes_limit": 100}
+
+    assert jax_models.model_axis_size([Device()] * 8, 40) == 1  # fits in half a device
+    assert jax_models.model_axis_size([Device()] * 8, 300) == 8
+    assert jax_models.model_axis_size([Device()] * 4, 300) == 4  # as far as the devices go
+    assert jax_models.model_axis_size(jax.devices(), 10 ** 12) == 1  # the host CPU reports no limit
+
+
 def test_bfloat16_option(models):
     spec = dict(source=models["qwen2"][0], kind="decoder", pooling="mean", layers="all")
     full = jax_models.encode(jax_models.load_model(spec, device="cpu"), INSTRUCTIONS, progress=False)
