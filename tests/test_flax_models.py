@@ -196,11 +196,12 @@ def test_safetensors_reader_bfloat16_and_legacy_names(tmp_path):
     save_file({"bert.embeddings.LayerNorm.gamma": values.bfloat16(), "bert.embeddings.LayerNorm.beta": values[0]},
               tmp_path / "model.safetensors")
     tensors = weights.checkpoint_tensors(tmp_path)
-    assert tensors["bert.embeddings.LayerNorm.gamma"].dtype == "bfloat16"
+    assert tensors["bert.embeddings.LayerNorm.gamma"].read().dtype == "bfloat16"
     abstract = {"embeddings.LayerNorm": {"weight": jax.ShapeDtypeStruct((3, 4), jnp.float32),
                                          "bias": jax.ShapeDtypeStruct((4,), jnp.float32)}}
     params = weights.load_params(abstract, tensors, "test")
-    np.testing.assert_array_equal(params["embeddings.LayerNorm"]["weight"].astype(np.float32), values.bfloat16().float().numpy())
+    np.testing.assert_array_equal(params["embeddings.LayerNorm"]["weight"].read().astype(np.float32),
+                                  values.bfloat16().float().numpy())
     with pytest.raises(LvaaError, match=r"test: weight bert.embeddings.LayerNorm.beta has shape \(4,\), the model expects \(5,\)"):
         weights.load_params({"embeddings.LayerNorm": {**abstract["embeddings.LayerNorm"],
                                                       "bias": jax.ShapeDtypeStruct((5,), jnp.float32)}}, tensors, "test")

@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from lvaa_jax.embeddings import flax_models, hf, pooling, sources
 from lvaa_jax.embeddings.controls import check_instructions
 from lvaa_jax.embeddings.flax_models.layers import Unsupported
-from lvaa_jax.embeddings.flax_models.weights import checkpoint_tensors, load_params
+from lvaa_jax.embeddings.flax_models.weights import Weight, checkpoint_tensors, load_params
 from lvaa_jax.embeddings.spec import ModelSpec
 from lvaa_jax.errors import LvaaError
 
@@ -173,10 +173,11 @@ def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSp
 
 
 def place(params: Any, partition: Any, mesh: Mesh, dtype: Any) -> Any:
-    """Numpy parameters cast to ``dtype`` and put on the mesh as ``partition`` (PartitionSpecs) says."""
+    """Parameters (numpy arrays, or ``Weight``s read one at a time) cast to ``dtype`` and put on the mesh as
+    ``partition`` (PartitionSpecs) says."""
 
-    def put(value: np.ndarray, spec: PartitionSpec) -> jax.Array:
-        value = np.asarray(value).astype(dtype, copy=False)
+    def put(value: Any, spec: PartitionSpec) -> jax.Array:
+        value = (value.read() if isinstance(value, Weight) else np.asarray(value)).astype(dtype, copy=False)
         return jax.device_put(value, NamedSharding(mesh, _fit(spec, value.shape, mesh)))
 
     return jax.tree.map(put, params, partition)
@@ -222,7 +223,7 @@ def load_model(spec: Any, *, device: str = "auto", model_parallel: int = 0) -> L
     example = np.zeros((1, 8), np.int32)
     abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), example, example.astype(bool)))["params"]
     params = load_params(nn.unbox(abstract), checkpoint_tensors(folder), spec.where)
-    param_bytes = sum(v.size for v in jax.tree.leaves(params)) * jnp.dtype(dtype).itemsize
+    param_bytes = sum(np.prod(w.shape) for w in jax.tree.leaves(params)) * jnp.dtype(dtype).itemsize
     mesh = make_mesh(devices, model_parallel or model_axis_size(devices, param_bytes))
     params = place(params, nn.get_partition_spec(abstract), mesh, dtype)
     tokenizer = hf.load_tokenizer(folder, spec)

@@ -2,11 +2,13 @@
 
 safetensors files are read here rather than with the ``safetensors`` package because its numpy reader
 refuses bfloat16 (the dtype most large checkpoints ship in); the format is a JSON header and raw
-little-endian arrays, opened as memory maps so a model's bytes are read once, when placed on devices.
+little-endian arrays. Parameters are matched to the checkpoint from the headers alone, and each is read from
+disk only when it is placed on the devices, so the host holds one parameter at a time, not the model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from collections.abc import Mapping
@@ -27,36 +29,64 @@ SAFETENSORS_DTYPES = {
 LEGACY_NAMES = {".weight": ".gamma", ".bias": ".beta"}
 
 
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a .safetensors file, as read-only memory-mapped numpy arrays."""
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """One tensor of a safetensors file, as its header describes it; ``read`` loads it."""
+
+    path: Path
+    offset: int
+    dtype: Any
+    shape: tuple[int, ...]
+
+    def read(self) -> np.ndarray:
+        count = int(np.prod(self.shape, dtype=np.int64))
+        return np.fromfile(self.path, self.dtype, count, offset=self.offset).reshape(self.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Weight:
+    """A parameter's tensors in the checkpoint: one, or one per layer of a stack (rows of one array)."""
+
+    tensors: tuple[Tensor, ...]
+    stacked: bool
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return ((len(self.tensors),) if self.stacked else ()) + self.tensors[0].shape
+
+    def read(self) -> np.ndarray:
+        return np.stack([t.read() for t in self.tensors]) if self.stacked else self.tensors[0].read()
+
+
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    """Every tensor of a .safetensors file, from its header (no data is read)."""
     with open(path, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))
-    data = np.memmap(path, np.uint8, "r", offset=8 + size) if any(k != "__metadata__" for k in header) else None
     tensors = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         if entry["dtype"] not in SAFETENSORS_DTYPES:
             raise LvaaError(f"{path}: tensor {name} has dtype {entry['dtype']}, which this reader does not know")
-        start, end = entry["data_offsets"]
-        tensors[name] = data[start:end].view(SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        dtype = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]])
+        tensors[name] = Tensor(Path(path), 8 + size + entry["data_offsets"][0], dtype, tuple(entry["shape"]))
     return tensors
 
 
-def checkpoint_tensors(folder: Path) -> dict[str, np.ndarray]:
+def checkpoint_tensors(folder: Path) -> dict[str, Tensor]:
     """The tensors of every .safetensors file in a model folder (a sharded checkpoint has several)."""
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         raise LvaaError(f"{folder}: no *.safetensors weights (the jax backend reads safetensors only; "
                         "set backend='torch' for .bin checkpoints)")
-    tensors: dict[str, np.ndarray] = {}
+    tensors: dict[str, Tensor] = {}
     for file in files:
         tensors.update(read_safetensors(file))
     return tensors
 
 
-def _key(tensors: Mapping[str, np.ndarray], name: str) -> str | None:
+def _key(tensors: Mapping[str, Tensor], name: str) -> str | None:
     """The checkpoint's key for a parameter: its name, or the legacy name of a LayerNorm's; None if absent."""
     if name in tensors:
         return name
@@ -66,7 +96,7 @@ def _key(tensors: Mapping[str, np.ndarray], name: str) -> str | None:
     return None
 
 
-def _prefix(names: list[str], tensors: Mapping[str, np.ndarray]) -> str:
+def _prefix(names: list[str], tensors: Mapping[str, Tensor]) -> str:
     """The prefix under which the checkpoint holds the model (``""``, ``"model."`` for a causal LM,
     ``"text_encoder."`` for BLIP's retrieval model, ...): the shortest one that holds every parameter."""
     candidates: set[str] = set()
@@ -82,11 +112,11 @@ def _prefix(names: list[str], tensors: Mapping[str, np.ndarray]) -> str:
     return ordered[0] if ordered else ""
 
 
-def load_params(abstract: Mapping[str, Any], tensors: Mapping[str, np.ndarray], where: str) -> dict[str, Any]:
-    """The parameter tree shaped like ``abstract`` (the module's ``jax.eval_shape(init)``), filled with the
-    checkpoint's tensors of the same dotted names; a name with ``{}`` (a stack of layers) is filled row by row,
-    row i from the name with i in place of ``{}``. Extra tensors (heads, a vision tower) are ignored; a
-    missing or misshapen one is an error, never a random weight."""
+def load_params(abstract: Mapping[str, Any], tensors: Mapping[str, Tensor], where: str) -> dict[str, Any]:
+    """The parameter tree shaped like ``abstract`` (the module's ``jax.eval_shape(init)``), each leaf the
+    ``Weight`` of the checkpoint's tensors of the same dotted name; a name with ``{}`` (a stack of layers) is
+    filled row by row, row i from the name with i in place of ``{}``. Extra tensors (heads, a vision tower)
+    are ignored; a missing or misshapen one is an error, never a random weight."""
     flat = traverse_util.flatten_dict(abstract)  # module names hold dots themselves: keep the path tuples
     names = {(path, row): ".".join(path).replace("{}", str(row))
              for path, leaf in flat.items() for row in (range(leaf.shape[0]) if "{}" in ".".join(path) else [None])}
@@ -96,12 +126,11 @@ def load_params(abstract: Mapping[str, Any], tensors: Mapping[str, np.ndarray], 
     if missing:
         raise LvaaError(f"{where}: the checkpoint lacks {len(missing)} weights the model needs "
                         f"(e.g. {missing[0]}): is its kind right?")
-    rows: dict[tuple[str, ...], list[np.ndarray]] = {}
+    rows: dict[tuple[str, ...], list[Tensor]] = {}
     for (path, row), key in keys.items():
         expected = flat[path].shape[1:] if row is not None else flat[path].shape
-        if tuple(tensors[key].shape) != tuple(expected):
-            raise LvaaError(f"{where}: weight {key} has shape {tuple(tensors[key].shape)}, the model expects "
+        if tensors[key].shape != tuple(expected):
+            raise LvaaError(f"{where}: weight {key} has shape {tensors[key].shape}, the model expects "
                             f"{tuple(expected)}")
         rows.setdefault(path, []).append(tensors[key])
-    params = {path: np.stack(r) if "{}" in ".".join(path) else r[0] for path, r in rows.items()}
-    return traverse_util.unflatten_dict(params)
+    return traverse_util.unflatten_dict({path: Weight(tuple(r), "{}" in ".".join(path)) for path, r in rows.items()})
