@@ -3,7 +3,8 @@
     python scripts/run_pipeline.py --config=configs/paper.py --workdir=runs/paper
 
 Variants: ``configs/paper.py`` (the paper's panel, by hub id: needs the hub or local copies and a GPU for
-the 7-8B models) and ``configs/paper.py:offline`` (same agent and data, the offline panel).
+the 7-8B models) and ``configs/paper.py:offline`` (same agent and data, the wide offline panel
+``configs/models.py:offline_wide``; fetch it first: ``python scripts/fetch_models.py --panel=offline_wide``).
 """
 
 import importlib.util
@@ -52,7 +53,7 @@ def get_config(variant: str = ""):
 
     c.eval.episodes_per_level = 500
 
-    c.embed.models = default.model_panel("offline" if variant == "offline" else "paper")
+    c.embed.models = default.model_panel("offline_wide" if variant == "offline" else "paper")
     c.embed.batch_size = 128
     c.align.permutations = 1000
     c.align.bootstrap = 1000

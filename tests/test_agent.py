@@ -12,8 +12,8 @@ import optax
 import pytest
 from flax.training.train_state import TrainState
 from jax.sharding import NamedSharding, PartitionSpec
+from tiny_runs import tiny_config
 
-from configs.default import get_config
 from lvaa_jax.agent import Agent, evaluate, instruction_embedding, make_mesh, make_train_step, restore_agent
 from lvaa_jax.agent.evaluate import _observe_and_act
 from lvaa_jax.agent.model import LayerNorm, ObservationEncoder, normalize
@@ -25,27 +25,14 @@ from lvaa_jax.agent.train import (
     shard_batch,
     train_and_evaluate,
 )
-from lvaa_jax.babyai import WindowBatches, make_demos
+from lvaa_jax.babyai import WindowBatches
 from lvaa_jax.errors import LvaaError
 
 
-def tiny_config(**train):
-    config = get_config("tiny")
-    config.data.num_workers = 0
-    config.data.episodes_per_level = 24
-    config.eval.episodes_per_level = 2
-    config.train.update(train)
-    return config
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A tiny run: demos, 20 training steps, checkpoints every 10."""
-    workdir = tmp_path_factory.mktemp("run")
-    config = tiny_config()
-    dataset = make_demos(config, workdir, progress=False)
-    evaluation = train_and_evaluate(config, workdir, progress=False)
-    return config, workdir, dataset, evaluation
+def run(trained_run):
+    """A tiny run: demos, 20 training steps, checkpoints every 10 (conftest.py)."""
+    return trained_run
 
 
 def test_layer_norm_with_its_own_backward_equals_flax():
@@ -207,29 +194,33 @@ def test_sharded_step_matches_single_device(run):
 
 
 def test_resume_after_a_kill_is_exact(run, tmp_path, monkeypatch):
-    config, workdir, _, _ = run
+    """Killed at step 17 (last checkpoint at 10, evaluations at 5, 10, 15), then run again: the same
+    parameters as an uninterrupted run, and every metrics and evaluation row once."""
+    _, workdir, _, _ = run
     straight = restore_agent(workdir)
-    # Same config in a fresh folder, killed at step 13 (last checkpoint at 10), then run again.
-    for name in ("demos",):
-        (tmp_path / name).symlink_to(workdir / name)
+    config = tiny_config(eval_every=5)  # evaluating does not touch the parameters
+    (tmp_path / "demos").symlink_to(workdir / "demos")
     real_next = WindowBatches.__next__
 
-    def killed_at_13(self):
-        if self.position == 13:
+    def killed_at_17(self):
+        if self.position == 17:
             raise KeyboardInterrupt
         return real_next(self)
 
-    monkeypatch.setattr(WindowBatches, "__next__", killed_at_13)
+    monkeypatch.setattr(WindowBatches, "__next__", killed_at_17)
     with pytest.raises(KeyboardInterrupt):
         train_and_evaluate(config, tmp_path, progress=False)
     monkeypatch.setattr(WindowBatches, "__next__", real_next)
     assert restore_agent(tmp_path).step == 10
+    assert (tmp_path / "eval" / "step_00000015.json").exists()
     train_and_evaluate(config, tmp_path, progress=False)
     resumed = restore_agent(tmp_path)
     assert resumed.step == straight.step == config.train.steps
     chex.assert_trees_all_equal(resumed.params, straight.params)
     rows = (tmp_path / "metrics" / "train.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == [5, 10, 15, 20]  # nothing logged twice
+    rows = (tmp_path / "eval" / "eval.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[:2] for r in rows] == [[str(s), *config.data.levels] for s in (5, 10, 15, 20)]
 
 
 def test_checkpoint_of_another_config_is_refused(run, tmp_path):
@@ -269,7 +260,7 @@ def test_a_bad_setting_leaves_the_workdir_usable(run, tmp_path):
     """A typo'd value fails before the checkpoint folder records the config, so the corrected command runs."""
     config, workdir, _, _ = run
     (tmp_path / "demos").symlink_to(workdir / "demos")
-    with pytest.raises(LvaaError, match="windows_per_row must be positive, got 8, 8 and 0"):
+    with pytest.raises(LvaaError, match=r"config.train.windows_per_row=0: must be a positive integer"):
         train_and_evaluate(tiny_config(windows_per_row=0), tmp_path, progress=False)
     bad_pooling = tiny_config()
     bad_pooling.model.pooling = "avg"

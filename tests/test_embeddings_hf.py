@@ -16,7 +16,7 @@ gguf = pytest.importorskip("gguf")
 
 from tiny_models import WORDS, bert_tokenizer, build, tiny_decoder, word_tokenizer  # noqa: E402
 
-from lvaa_jax.embeddings import hf, pooling, sources, torch_models  # noqa: E402
+from lvaa_jax.embeddings import fetch, hf, pooling, sources, torch_models  # noqa: E402
 from lvaa_jax.errors import LvaaError  # noqa: E402
 
 # Lengths from 3 to 10 words, so every batch is padded.
@@ -272,13 +272,23 @@ def test_bad_model_specs(models, tmp_path):
     one_line_error("kind 'blip' needs a BLIP", torch_models.load_model, dict(source=models["bert"], kind="blip", pooling="cls"))
 
 
-@pytest.mark.parametrize("panel", ["offline", "paper"])
+@pytest.mark.parametrize("panel", ["offline", "offline_wide", "paper"])
 def test_model_panels_are_valid_specs(panel):
     spec = importlib.util.spec_from_file_location("panels", Path(__file__).parents[1] / "configs" / "models.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     for name, entry in module.get_config(panel).items():
         assert hf.ModelSpec.parse(entry, name).name == name
+    fetch.plan(module.get_config(panel))  # every package: and parts: source is registered
+
+
+def test_prefix_is_put_before_every_instruction(models):
+    spec = dict(source=models["bert"], kind="encoder", pooling="mean", layers="last")
+    prefixed, meta = hf.embed_with_model(dict(spec, prefix="open the door , "), INSTRUCTIONS, device="cpu", progress=False)
+    by_hand, plain = hf.embed_with_model(spec, [f"open the door , {t}" for t in INSTRUCTIONS], device="cpu", progress=False)
+    np.testing.assert_array_equal(prefixed, by_hand)
+    assert meta["prefix"] == "open the door , " and "prefix" not in plain  # tables made before prefixes stay valid
+    assert not hf.meta_matches(meta, dict(spec, prefix="go to "))
 
 
 def test_hub_id_offline_says_how_to_use_a_local_folder():

@@ -7,13 +7,16 @@ backend state.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def _plain(value):
@@ -41,7 +44,7 @@ def write_matrix(out_dir: Path, metric: str, names: Sequence[str], matrix: np.nd
         writer = csv.writer(f)
         writer.writerow(["space", *names])
         for name, row in zip(names, np.asarray(matrix), strict=True):
-            writer.writerow([name, *(f"{v:.6g}" for v in row)])
+            writer.writerow([name, *(_number(v, ".6g") for v in row)])
     write_json(out_dir / f"{metric}.json", {"metric": metric, "names": list(names), "matrix": matrix, **extra})
 
 
@@ -55,37 +58,47 @@ def write_records(out_dir: Path, stem: str, records: Sequence[Mapping], **extra)
 
 
 def heatmap(path: Path, names: Sequence[str], matrix: np.ndarray, title: str) -> None:
-    """An annotated M x M heatmap; the colour scale is fixed to [0, 1] when every value lies in it."""
+    """An annotated M x M heatmap; the colour scale is fixed to [0, 1] when every value lies in it. Labels and
+    values shrink as M grows, so that a panel of 10-20 spaces stays readable."""
     matrix = np.asarray(matrix, dtype=float)
     finite = matrix[np.isfinite(matrix)]
     unit = finite.size and finite.min() >= 0 and finite.max() <= 1
-    size = 1.6 + 0.7 * len(names)
+    m = len(names)
+    size = 1.6 + 0.7 * m
     fig = Figure(figsize=(size + 1.2, size), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(matrix, cmap="viridis", vmin=0 if unit else None, vmax=1 if unit else None)
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), names)
-    if len(names) <= 12:
+    label_size = 9 if m <= 10 else 7
+    ax.set_xticks(range(m), names, rotation=45, ha="right", fontsize=label_size)
+    ax.set_yticks(range(m), names, fontsize=label_size)
+    if m <= 20:
         middle = np.nanmean(finite) if finite.size else 0
         for (i, j), v in np.ndenumerate(matrix):
             colour = "black" if v > middle else "white"
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color=colour)
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8 if m <= 10 else 6, color=colour)
     ax.set_title(title)
     fig.colorbar(image, ax=ax)
     fig.savefig(path, dpi=120)
 
 
 def layer_curves(path: Path, space: str, curves: Mapping[str, Sequence[float]], chance: float, k: int) -> None:
-    """precision@k of every layer of ``space`` against each other space (at that space's last layer)."""
-    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    """precision@k of every layer of ``space`` against each other space (at that space's last layer). Layers
+    are integers, so are the ticks; with many spaces the legend goes beside the axes in two columns."""
+    many = len(curves) > 8
+    fig = Figure(figsize=(8.4 if many else 6.4, 4.0), layout="constrained")
     ax = fig.subplots()
-    for other, values in curves.items():
-        ax.plot(range(len(values)), values, marker="o", markersize=3, label=other)
+    colours = matplotlib.colormaps["tab20" if len(curves) > 10 else "tab10"].colors
+    for colour, (other, values) in zip(itertools.cycle(colours), curves.items()):
+        ax.plot(range(len(values)), values, marker="o", markersize=3, label=other, color=colour)
     ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance k/(N-1)")
-    ax.set_xlabel(f"layer of {space}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(f"layer of {space} (0: input embeddings)")
     ax.set_ylabel(f"precision@{k}")
     ax.set_title(f"{space}: alignment by layer")
-    ax.legend(fontsize=8)
+    if many:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncols=2 if len(curves) > 16 else 1)
+    else:
+        ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)
 
 
@@ -96,8 +109,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 def markdown_matrix(names: Sequence[str], matrix: np.ndarray, fmt: str = ".3f") -> str:
-    rows = [[name, *(format(v, fmt) for v in row)] for name, row in zip(names, matrix, strict=True)]
+    """Rows and columns named; undefined values (NaN) as n/a, which the report explains."""
+    rows = [[name, *(_number(v, fmt) for v in row)] for name, row in zip(names, matrix, strict=True)]
     return markdown_table(["", *names], rows)
+
+
+def _number(value: float, fmt: str) -> str:
+    return format(value, fmt) if math.isfinite(value) else "n/a"
 
 
 TITLES = {  # metric -> heading and heatmap title; every metric here gets a heatmap
@@ -109,7 +127,14 @@ TITLES = {  # metric -> heading and heatmap title; every metric here gets a heat
     "cka": "Linear CKA, last layers",
     "cka_debiased": "Debiased linear CKA, last layers",
     "rsa": "RSA (Spearman of cosine distances), last layers",
+    "svcca": "SVCCA (mean of 10 canonical correlations), last layers",
+    "cycle_knn": "Cycle kNN (k = {k}), last layers",
+    "lcs_knn": "LCS kNN (k = {k}; in [0, k]), last layers",
+    "edit_distance_knn": "Edit distance kNN (k = {k}), last layers",
+    "cknna": "CKNNA (k = {k}), last layers",
 }
+FAMILY = ("cycle_knn", "lcs_knn", "edit_distance_knn", "cknna")
+COMPANIONS = ("procrustes", "cka", "cka_debiased", "rsa", "svcca")
 
 
 def render(summary: Mapping, matrices: Mapping[str, np.ndarray], sweep: Sequence[Mapping],
@@ -150,8 +175,44 @@ def render(summary: Mapping, matrices: Mapping[str, np.ndarray], sweep: Sequence
     if s["rsa_instructions"] < n:
         out.append(f"RSA is computed on a fixed random subset of {s['rsa_instructions']} instructions "
                    "(it needs N^2 memory; align.rsa_max_n).")
-    for metric in ("procrustes", "cka", "cka_debiased", "rsa"):
+    for metric in COMPANIONS:
         out += [f"### {TITLES[metric]}", markdown_matrix(names, matrices[metric])]
+    out += [
+        "## The Platonic Representation Hypothesis metric family, last layers",
+        "Huh et al. (2024)'s kNN metrics beside mutual kNN (precision@k above), read from the same neighbour "
+        "lists (unit rows, self excluded, ties to the lower index): cycle kNN, the fraction of instructions "
+        "that are among the A-neighbours of one of their B-neighbours (row A, column B; not symmetric); LCS "
+        "kNN, the mean longest common subsequence of the two ordered lists (in [0, k], not divided by k, as "
+        "in that code); edit distance kNN, 1 - mean Levenshtein distance / k; CKNNA, unbiased CKA restricted "
+        "to pairs that are neighbours in both spaces (row A, column B). Each comes with its permutation null "
+        "(the same relabellings as precision@k's): the calibrated value is raw minus the null's mean, with "
+        "the one-sided p-value below it.",
+    ]
+    for metric in FAMILY:
+        calibrated = np.asarray(matrices[metric + "_calibrated"])
+        p = np.asarray(matrices[metric + "_p_value"])
+        cells = [[f"{_number(c, '+.3f')} (p {_number(q, '.3g')})" for c, q in zip(rc, rp, strict=True)]
+                 for rc, rp in zip(calibrated, p, strict=True)]
+        out += [f"### {TITLES[metric].format(k=k)}", markdown_matrix(names, matrices[metric]),
+                "Calibrated:", markdown_table(["", *names], [[name, *row] for name, row in
+                                                           zip(names, cells, strict=True)])]
+    out += [f"## Ties at the {k}th neighbour, last layers",
+            "The share of instructions whose k-th and (k+1)-th nearest neighbours are equally similar (after "
+            "rounding to 1e-6): there the tie rule (lower index) picks which of the tied instructions are "
+            "counted, so those instructions' kNN scores depend on instruction order. Bag-of-words spaces and "
+            "input layers, which give instructions made of the same words the same vector, have many.",
+            markdown_table(["space", "instructions with a tie at k"],
+                           [[sp["name"], f"{sp['ties_at_k']:.1%}"] for sp in summary["spaces"]])]
+    if summary["skipped_layers"] or summary["undefined"]:
+        out.append("## Left out, and why")
+    if summary["skipped_layers"]:
+        out.append("Layers where every instruction has the same vector (e.g. a first-token state at the input "
+                   "layer) tell instructions apart by nothing, so they are left out of the layer search and "
+                   "the per-layer curves: " + ", ".join(f"{e['space']} layer {e['layer']}"
+                                                        for e in summary["skipped_layers"]) + ".")
+    if summary["undefined"]:
+        out.append("Values shown as n/a are undefined for a space (its row and column):")
+        out.append("\n".join(f"- {e['metric']}, {e['space']}: {e['reason']}." for e in summary["undefined"]))
     ks = sorted({r["k"] for r in sweep})
     table = {(r["a"], r["b"]): {} for r in sweep}
     for r in sweep:

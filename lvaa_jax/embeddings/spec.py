@@ -37,6 +37,7 @@ class ModelSpec:
     gguf_file: str = ""
     revision: str = ""
     dtype: str = "float32"
+    prefix: str = ""  # put before every instruction, where a model's card asks for a task prefix
     backend: str = "auto"
     name: str = ""
 
