@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from lvaa_jax.embeddings import flax_models, hf, pooling, sources
 from lvaa_jax.embeddings.controls import check_instructions
 from lvaa_jax.embeddings.flax_models.layers import Unsupported
-from lvaa_jax.embeddings.flax_models.weights import Weight, checkpoint_tensors, load_params
+from lvaa_jax.embeddings.flax_models.weights import Weight, load_params
 from lvaa_jax.embeddings.spec import ModelSpec
 from lvaa_jax.errors import LvaaError
 
@@ -222,7 +222,7 @@ def load_model(spec: Any, *, device: str = "auto", model_parallel: int = 0) -> L
         raise LvaaError(f"{spec.where}: the jax backend does not implement {e}; set backend='torch'") from None
     example = np.zeros((1, 8), np.int32)
     abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), example, example.astype(bool)))["params"]
-    params = load_params(nn.unbox(abstract), checkpoint_tensors(folder), spec.where)
+    params = load_params(nn.unbox(abstract), flax_models.module_tensors(module, folder), spec.where)
     param_bytes = sum(np.prod(w.shape) for w in jax.tree.leaves(params)) * jnp.dtype(dtype).itemsize
     mesh = make_mesh(devices, model_parallel or model_axis_size(devices, param_bytes))
     params = place(params, nn.get_partition_spec(abstract), mesh, dtype)
@@ -287,7 +287,7 @@ def encode(loaded: LoadedModel, instructions: Sequence[str], *, batch_size: int 
     instructions, so a call compiles at most PROGRAMS + 1 programs (the last, smaller batch has its own)."""
     spec = loaded.spec
     items = check_instructions(instructions, spec.where)
-    tokens = [len(ids) for ids in loaded.tokenizer(items)["input_ids"]]
+    tokens = [len(ids) for ids in loaded.tokenizer([spec.prefix + item for item in items])["input_ids"]]
     if loaded.max_length and max(tokens) > loaded.max_length:
         longest = items[int(np.argmax(tokens))]
         raise LvaaError(f"{spec.where}: {longest!r} has {max(tokens)} tokens, more than the model's "

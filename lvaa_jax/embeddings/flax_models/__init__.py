@@ -10,12 +10,15 @@ Parameters carry the checkpoint's names and layout, so ``weights.load_params`` f
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 
 from lvaa_jax.embeddings.flax_models import bert, clip, gemma3, llama, mpnet, nomic_bert
 from lvaa_jax.embeddings.flax_models.layers import Dtype, Unsupported
+from lvaa_jax.embeddings.flax_models.weights import Tensor, checkpoint_tensors
 from lvaa_jax.errors import LvaaError
 
 # model_type (of the config a space reads) -> (module, its settings read from the Hugging Face config)
@@ -31,6 +34,10 @@ ARCHITECTURES: dict[str, tuple[type[nn.Module], Any]] = {
 }
 # GGUF general.architecture -> model_type, to choose a backend before a GGUF is de-quantised
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3_text"}
+# module -> a mapping of other checkpoint layouts of its architecture onto its parameters' names
+RENAMES: dict[type[nn.Module], Callable[[Mapping[str, Tensor]], dict[str, Tensor]]] = {
+    nomic_bert.NomicBert: nomic_bert.native_names,
+}
 TOWERS = {"clip": ("clip", "clip_text_model"), "blip": ("blip", "blip_text_model")}  # kind -> (full, text)
 
 
@@ -61,10 +68,16 @@ def build(config: Any, kind: str, pooling: str, dtype: Dtype, where: str) -> nn.
     return module(settings, dtype)
 
 
+def module_tensors(module: nn.Module, folder: Path) -> dict[str, Tensor]:
+    """The tensors of a model folder under the names the module's parameters carry."""
+    tensors = checkpoint_tensors(folder)
+    return RENAMES[type(module)](tensors) if type(module) in RENAMES else tensors
+
+
 def max_length(module: nn.Module) -> int | None:
     """The longest input a module with learned absolute positions takes (None: rotary, no limit)."""
     positions = getattr(module.config, "max_positions", None)
     return positions - mpnet.PADDING_IDX - 1 if isinstance(module, mpnet.MPNet) else positions
 
 
-__all__ = ["ARCHITECTURES", "GGUF_ARCHITECTURES", "Unsupported", "build", "max_length", "text_config"]
+__all__ = ["ARCHITECTURES", "GGUF_ARCHITECTURES", "Unsupported", "build", "max_length", "module_tensors", "text_config"]

@@ -197,8 +197,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, scale: 
 
 class Attention(nn.Module):
     """Multi-head self-attention whose four projections carry the checkpoint's ``names`` (query, key, value,
-    output; with ``fused_qkv`` the first is one [q; k; v] projection, as nomic-bert's ``Wqkv``), with
-    grouped-query heads, optional per-head RMSNorms of queries and keys (Gemma 3) and optional rotary positions."""
+    output), with grouped-query heads, optional per-head RMSNorms of queries and keys (Gemma 3) and optional rotary positions."""
 
     num_heads: int
     head_dim: int
@@ -209,7 +208,6 @@ class Attention(nn.Module):
     scale: float = 0.0  # 0: head_dim ** -0.5
     qk_norm_eps: float = 0.0  # > 0: Gemma's (1 + w) RMSNorm of every query and key head
     softcap: float | None = None
-    fused_qkv: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -222,11 +220,7 @@ class Attention(nn.Module):
             projection = Linear(count * self.head_dim, self.qkv_bias, dtype=self.dtype, name=self.names[index])
             return projection(x).reshape(b, t, count, self.head_dim)
 
-        if self.fused_qkv:
-            qkv = heads(0, self.num_heads + 2 * kv_heads)
-            q, k, v = jnp.split(qkv, [self.num_heads, self.num_heads + kv_heads], axis=2)
-        else:
-            q, k, v = heads(0, self.num_heads), heads(1, kv_heads), heads(2, kv_heads)
+        q, k, v = heads(0, self.num_heads), heads(1, kv_heads), heads(2, kv_heads)
         if self.qk_norm_eps:
             q = RMSNorm(self.qk_norm_eps, 1.0, self.dtype, name="q_norm")(q)
             k = RMSNorm(self.qk_norm_eps, 1.0, self.dtype, name="k_norm")(k)
