@@ -3,6 +3,7 @@ cold and cached, compile time and peak memory.
 
     python -m benchmarks.embed_throughput                          # this machine's CPU, the offline panel
     python -m benchmarks.embed_throughput --models=minilm_l6 --skip_load
+    python -m benchmarks.embed_throughput --panel=offline_wide --models=nomic_embed_v15 --skip_throughput
     python -m benchmarks.embed_throughput --device=cuda            # a GPU
 
 Throughput: ~550 BabyAI-like instructions, every layer kept as the study does, per batch size; the two
@@ -32,6 +33,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks.timing import interleaved_best_seconds
+from lvaa_jax.cli import restart_on_huge_pages
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -63,6 +65,7 @@ flags.DEFINE_list("batch_sizes", ["32", "128"], "Batch sizes to sweep.")
 flags.DEFINE_integer("threads", 0, "torch CPU threads (0: torch's default).")
 flags.DEFINE_integer("repeats", 3, "Each timing is the best of this many passes.")
 flags.DEFINE_bool("skip_load", False, "Skip the cold/cached load and memory figures.")
+flags.DEFINE_bool("skip_throughput", False, "Only the cold/cached load and memory figures.")
 flags.DEFINE_string("load_only", "", "Internal: one timed load (and one pass) of this model, as JSON.")
 flags.DEFINE_string("backend", "jax", "Internal: the backend of --load_only.")
 
@@ -162,6 +165,8 @@ def main(_) -> None:
             print(f"| {name} | {backend} | {cold['load_seconds']:.1f} | {cached['load_seconds']:.1f} | "
                   f"{cached['peak_gb']:.2f} |", flush=True)
 
+    if args.skip_throughput:
+        return
     print("\n| model | layers x dim | batch | " + " | ".join(f"{b} instr/s" for b in args.backends)
           + " | jax / torch | jax compile (s) | max error / layer RMS | kNN@15 agreement |")
     print("| --- | --- | --- | " + "--- | " * len(args.backends) + "--- | --- | --- | --- |")
@@ -198,4 +203,5 @@ def compare(name: str, spec: dict, instructions: list[str], batch_sizes: list[in
 
 
 if __name__ == "__main__":
+    restart_on_huge_pages()  # as the embedding stage (scripts/embed.py) does
     app.run(main)

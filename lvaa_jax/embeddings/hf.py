@@ -71,11 +71,12 @@ def tokenize(tokenizer: Any, texts: list[str], tensors: str) -> Any:
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
     """The instructions' indices in batches of similar length, shortest first: less padding, and the same
-    result, since padding changes nothing."""
+    result, since padding changes nothing. A smaller batch, if any, is the first: it holds the shortest
+    instructions, so filling it up to full rows (the JAX backend, one compiled shape) pads the fewest tokens."""
     if batch_size < 1:
         raise LvaaError(f"embed.batch_size: must be at least 1, got {batch_size}")
     order = np.argsort(lengths, kind="stable")
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return np.split(order, range(len(order) % batch_size or batch_size, len(order), batch_size))
 
 
 def encode_in_batches(encode_batch: Callable[[list[str]], np.ndarray], spec: ModelSpec,

@@ -263,12 +263,12 @@ def _program(loaded: LoadedModel, rows: int, length: int) -> Any:
     return loaded.programs[key]
 
 
-def _encode_batch(loaded: LoadedModel, texts: list[str], lengths: list[int]) -> np.ndarray:
+def _encode_batch(loaded: LoadedModel, texts: list[str], rows: int, lengths: list[int]) -> np.ndarray:
+    """One batch padded to ``rows`` rows and the shortest planned length that holds it."""
     batch = hf.tokenize(loaded.tokenizer, texts, "np")
     ids, mask = batch["input_ids"], batch["attention_mask"].astype(bool)
     n, t = ids.shape
-    data = loaded.mesh.shape["data"]
-    rows, length = -(-n // data) * data, min(p for p in lengths if p >= t)
+    length = min(p for p in lengths if p >= t)
     padded_ids = np.full((rows, length), loaded.tokenizer.pad_token_id, np.int32)
     padded_mask = np.zeros((rows, length), bool)
     padded_ids[:n, :t], padded_mask[:n, :t] = ids, mask
@@ -284,7 +284,8 @@ def encode(loaded: LoadedModel, instructions: Sequence[str], *, batch_size: int 
     """float32 [N, D], or [layers + 1, N, D] with layers='all' (index 0: the input embeddings).
 
     Batches are made by token count and padded to at most PROGRAMS lengths planned from the batches' longest
-    instructions, so a call compiles at most PROGRAMS + 1 programs (the last, smaller batch has its own)."""
+    instructions, and every batch to the same rows (the first, smaller one, of the shortest instructions, with
+    filler rows: a few short rows cost less than compiling a program for them), so a call compiles at most PROGRAMS programs."""
     spec = loaded.spec
     items = check_instructions(instructions, spec.where)
     tokens = [len(ids) for ids in loaded.tokenizer([spec.prefix + item for item in items])["input_ids"]]
@@ -294,7 +295,9 @@ def encode(loaded: LoadedModel, instructions: Sequence[str], *, batch_size: int 
                         f"{loaded.max_length} positions")
     batches = hf.length_batches(tokens, batch_size)
     lengths = plan_lengths([max(tokens[i] for i in b) for b in batches], [len(b) for b in batches])
-    return hf.encode_in_batches(lambda texts: _encode_batch(loaded, texts, lengths), spec, items, batch_size,
+    data = loaded.mesh.shape["data"]
+    rows = -(-min(batch_size, len(items)) // data) * data  # whole rows per device
+    return hf.encode_in_batches(lambda texts: _encode_batch(loaded, texts, rows, lengths), spec, items, batch_size,
                                 progress, lengths=tokens)
 
 
