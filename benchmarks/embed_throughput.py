@@ -64,6 +64,7 @@ flags.DEFINE_list("backends", list(BACKENDS), "Backends to compare (the first is
 flags.DEFINE_list("batch_sizes", ["32", "128"], "Batch sizes to sweep.")
 flags.DEFINE_integer("threads", 0, "torch CPU threads (0: torch's default).")
 flags.DEFINE_integer("repeats", 3, "Each timing is the best of this many passes.")
+flags.DEFINE_integer("stride", 1, "Every stride-th instruction only (a quicker run on a busy machine).")
 flags.DEFINE_bool("skip_load", False, "Skip the cold/cached load and memory figures.")
 flags.DEFINE_bool("skip_throughput", False, "Only the cold/cached load and memory figures.")
 flags.DEFINE_string("load_only", "", "Internal: one timed load (and one pass) of this model, as JSON.")
@@ -152,7 +153,7 @@ def main(_) -> None:
     panel = panel_specs()
     names = args.models or list(panel)
     batch_sizes = [int(b) for b in args.batch_sizes]
-    instructions = babyai_instructions()
+    instructions = babyai_instructions()[::args.stride]
     print(f"{len(instructions)} instructions; jax {jax.__version__} on {jax.devices()[0].device_kind} "
           f"x{len(jax.devices())}; torch {torch.__version__}, {torch.get_num_threads()} threads; device {args.device}")
 
