@@ -62,6 +62,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.train.log_every = 50
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 2
+    # The action space at step 0, every this many steps and at the end (alignment over training; 0: off).
+    # A copy of checkpoint_every that follows it (also in variants and overrides) unless set itself.
+    c.train.snapshot_every = c.train.get_ref("checkpoint_every") * 1
     c.train.eval_every = 0  # 0: evaluate at the end only
 
     c.eval = ml_collections.ConfigDict()

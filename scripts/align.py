@@ -18,12 +18,15 @@ K = flags.DEFINE_integer("k", None, "Neighbours per instruction for precision@k 
 
 def main(argv):
     from lvaa_jax.alignment import align_folder
+    from lvaa_jax.alignment.training_curve import alignment_over_training
 
     config, workdir = cli.resolve(CONFIG, WORKDIR)
     if K.value is not None:
         config.align.k = K.value
     out = OUT.value or workdir / "alignment"
-    summary = align_folder(EMBEDDINGS.value or workdir / "embeddings", config.align, out)
+    # Reading the run folder's own tables, also score its snapshots of training (if it has any).
+    sections = {} if EMBEDDINGS.value else alignment_over_training(workdir, config.align, out)
+    summary = align_folder(EMBEDDINGS.value or workdir / "embeddings", config.align, out, sections)
     print(f"N = {summary['n']} instructions, k = {summary['k']}, chance {summary['chance']:.4f}")
     for pair in summary["pairs"]:
         last, best = pair["last"], pair["best"]

@@ -7,6 +7,7 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -17,6 +18,7 @@ from configs.default import get_config
 from lvaa_jax.agent import Agent, evaluate, instruction_embedding, make_mesh, make_train_step, restore_agent
 from lvaa_jax.agent.evaluate import _observe_and_act
 from lvaa_jax.agent.model import LayerNorm, ObservationEncoder, normalize
+from lvaa_jax.agent.snapshots import SnapshotRecorder, check_snapshot_every, load_snapshots
 from lvaa_jax.agent.train import (
     build_agent,
     create_state,
@@ -26,6 +28,7 @@ from lvaa_jax.agent.train import (
     train_and_evaluate,
 )
 from lvaa_jax.babyai import WindowBatches, make_demos
+from lvaa_jax.embeddings import instruction_set
 from lvaa_jax.errors import LvaaError
 
 
@@ -207,9 +210,11 @@ def test_sharded_step_matches_single_device(run):
 
 
 def test_resume_after_a_kill_is_exact(run, tmp_path, monkeypatch):
-    config, workdir, _, _ = run
+    _, workdir, _, _ = run
     straight = restore_agent(workdir)
-    # Same config in a fresh folder, killed at step 13 (last checkpoint at 10), then run again.
+    # Same config in a fresh folder, killed at step 13 (last checkpoint at 10), then run again. Without
+    # snapshots of the action space: recording them (in the straight run) must not change training either.
+    config = tiny_config(snapshot_every=0)
     for name in ("demos",):
         (tmp_path / name).symlink_to(workdir / name)
     real_next = WindowBatches.__next__
@@ -230,6 +235,7 @@ def test_resume_after_a_kill_is_exact(run, tmp_path, monkeypatch):
     chex.assert_trees_all_equal(resumed.params, straight.params)
     rows = (tmp_path / "metrics" / "train.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == [5, 10, 15, 20]  # nothing logged twice
+    assert not (tmp_path / "snapshots").exists()
 
 
 def test_checkpoint_of_another_config_is_refused(run, tmp_path):
@@ -328,3 +334,49 @@ def test_closed_loop_step_equals_the_training_forward(run):
             model, params, memory, z, np.array([0]), np.array([t]), batch["image"][:, t], batch["direction"][:, t]
         )
         assert int(action[0]) == expected[t]
+
+
+def test_snapshots_of_the_action_space_at_step_0_every_snapshot_step_and_the_last(run):
+    config, workdir, _, _ = run
+    assert config.train.snapshot_every == config.train.checkpoint_every == 10  # follows checkpoint_every
+    snapshots = load_snapshots(workdir)
+    assert list(snapshots) == [0, 10, 20]
+    instructions = instruction_set(config, workdir)
+    for step, table in snapshots.items():
+        assert table.meta["step"] == step and table.instructions == tuple(instructions)
+    # What the embedding stage computes for `untrained_agent` and `action`, bit for bit.
+    np.testing.assert_array_equal(snapshots[0].embeddings, restore_agent(workdir, trained=False).embed(instructions))
+    np.testing.assert_array_equal(snapshots[20].embeddings, restore_agent(workdir).embed(instructions))
+    assert not np.array_equal(snapshots[10].embeddings, snapshots[20].embeddings)
+
+
+def test_a_run_killed_between_checkpoint_and_snapshot_ends_with_the_same_snapshots(run, tmp_path, monkeypatch):
+    config, workdir, _, _ = run
+    (tmp_path / "demos").symlink_to(workdir / "demos")
+    real_record = SnapshotRecorder.record_if_due
+
+    def killed_at_10(self, step, params):
+        if step == 10:  # the checkpoint at 10 is saved, its snapshot not yet
+            raise KeyboardInterrupt
+        real_record(self, step, params)
+
+    monkeypatch.setattr(SnapshotRecorder, "record_if_due", killed_at_10)
+    with pytest.raises(KeyboardInterrupt):
+        train_and_evaluate(config, tmp_path, progress=False)
+    assert list(load_snapshots(tmp_path)) == [0]
+    monkeypatch.setattr(SnapshotRecorder, "record_if_due", real_record)
+    train_and_evaluate(config, tmp_path, progress=False)
+    straight, resumed = load_snapshots(workdir), load_snapshots(tmp_path)
+    assert list(resumed) == list(straight) == [0, 10, 20]
+    for step in straight:
+        np.testing.assert_array_equal(resumed[step].embeddings, straight[step].embeddings)
+
+
+def test_snapshot_every_must_be_a_non_negative_integer(run, tmp_path):
+    (tmp_path / "demos").symlink_to(run[1] / "demos")
+    with pytest.raises(LvaaError, match=r"config.train.snapshot_every=-1: must be a non-negative integer"):
+        train_and_evaluate(tiny_config(snapshot_every=-1), tmp_path, progress=False)
+    assert not (tmp_path / "checkpoints").exists()  # the corrected command can still use this folder
+    for value in (2.5, True, "10", None):  # a config built without ml_collections' type locks
+        with pytest.raises(LvaaError, match="must be a non-negative integer"):
+            check_snapshot_every(ml_collections.ConfigDict({"snapshot_every": value}))

@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from lvaa_jax.agent.checkpoint import Checkpoints, check_compatible
 from lvaa_jax.agent.evaluate import evaluate, write_evaluation
 from lvaa_jax.agent.model import POOLINGS, Agent
+from lvaa_jax.agent.snapshots import SnapshotRecorder
 from lvaa_jax.babyai import DemoDataset, WindowBatches, load_demos
 from lvaa_jax.errors import LvaaError
 from lvaa_jax.files import append_csv, write_csv
@@ -147,12 +148,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, p
     if train.batch_size % mesh.size:
         raise LvaaError(f"config.train.batch_size={train.batch_size} must be a multiple of the {mesh.size} devices")
     model = build_agent(config, dataset)  # a bad setting fails here, before the checkpoint folder binds the config
+    snapshots = SnapshotRecorder(config, workdir, model, dataset.tokenizer)
     batches = WindowBatches(dataset, train.batch_size, model.context, config.seed, train.windows_per_row)
     log.info("%d windows in %d rows of %d steps per epoch: %.0f%% real steps, %d batches", len(batches.window_length),
              batches.rows_per_epoch, model.context, 100 * batches.fill, batches.batches_per_epoch)
     checkpoints = Checkpoints(workdir / "checkpoints", config, train.keep_checkpoints)
     state = checkpoints.restore_latest(create_state(model, config, mesh), batches)
     start = int(state.step)
+    snapshots.record_if_due(start, state.params)  # step 0, or the step a resumed run starts from
     train_step = make_train_step(model, mesh, config.seed)
     metrics_dir = workdir / "metrics"
     metrics_dir.mkdir(parents=True, exist_ok=True)
@@ -178,6 +181,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, p
                     pending, tick = [], time.perf_counter()
                 if step % train.checkpoint_every == 0 or step == train.steps:
                     checkpoints.save(step, state, batches)
+                snapshots.record_if_due(step, state.params)
                 if train.eval_every and step % train.eval_every == 0 and step != train.steps:
                     write_evaluation(workdir, step, evaluate_agent(config, model, state.params, dataset, progress))
                 bar.update()
