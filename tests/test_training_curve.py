@@ -1,6 +1,7 @@
 """Alignment over training from snapshot tables alone (the real run's curve is tested in test_pipeline.py)."""
 
 import numpy as np
+import pytest
 
 from configs.default import get_config
 from lvaa_jax.agent.snapshots import snapshot_path
@@ -12,6 +13,7 @@ from lvaa_jax.alignment.training_curve import (
 )
 from lvaa_jax.embeddings import save_table
 from lvaa_jax.embeddings.table import EmbeddingTable
+from lvaa_jax.errors import LvaaError
 
 
 def synthetic(n: int = 60, steps=(0, 5, 10)):
@@ -60,3 +62,13 @@ def test_snapshots_of_another_instruction_list_are_not_scored(tmp_path):
     section = alignment_over_training(tmp_path, align_config(), tmp_path / "alignment")
     assert "Not scored" in section[HEADING] and not (tmp_path / "alignment" / "training_curve.csv").exists()
     assert alignment_over_training(tmp_path / "no_run", align_config(), tmp_path / "alignment") == {}
+
+
+def test_tables_of_different_instruction_lists_are_a_user_error(tmp_path):
+    snapshots, spaces = synthetic()
+    for name, table in spaces.items():
+        instructions = table.instructions[:-1] + ("another",) if name == "other" else table.instructions
+        save_table(tmp_path / "embeddings" / f"{name}.npz", table.embeddings, instructions, {})
+    save_table(snapshot_path(tmp_path, 0), snapshots[0].embeddings, snapshots[0].instructions, {"step": 0})
+    with pytest.raises(LvaaError, match="other: instruction list differs from goal's"):
+        alignment_over_training(tmp_path, align_config(), tmp_path / "alignment")

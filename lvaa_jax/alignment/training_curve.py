@@ -33,7 +33,7 @@ from matplotlib.ticker import MaxNLocator
 from lvaa_jax.alignment import report
 from lvaa_jax.alignment.knn import knn_indices, overlap_counts, overlap_totals
 from lvaa_jax.alignment.spaces import check_space, clamp_outliers
-from lvaa_jax.alignment.stage import CI_LEVEL, Settings
+from lvaa_jax.alignment.stage import CI_LEVEL, Settings, _check_instructions
 from lvaa_jax.alignment.stats import bootstrap_means, p_values, percentile_interval, permutation_null
 from lvaa_jax.embeddings.table import EmbeddingTable, load_table
 
@@ -126,6 +126,7 @@ def alignment_over_training(workdir: str | Path, config: ml_collections.ConfigDi
     spaces = {name: table for name, table in tables.items() if name != "action"}
     if not snapshots or not spaces:
         return {}
+    _check_instructions(spaces)  # the tables among themselves: a user error, as in align_tables
     reference = next(iter(spaces.values())).instructions
     if any(t.instructions != reference for t in snapshots.values()):
         log.warning("%s: the snapshots embed another instruction list than the tables; not scored", workdir)
