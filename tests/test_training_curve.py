@@ -8,6 +8,7 @@ from lvaa_jax.agent.snapshots import snapshot_path
 from lvaa_jax.alignment.training_curve import (
     HEADING,
     alignment_over_training,
+    changes,
     score_snapshots,
     summary_sentence,
 )
@@ -41,16 +42,21 @@ def test_directions_come_from_the_bootstrap_of_the_paired_change():
     assert [curve.direction(j) for j in range(3)] == ["falls", "rises", "holds"]
     np.testing.assert_allclose(curve.null_mean, curve.chance, atol=0.03)
     np.testing.assert_allclose(curve.calibrated, curve.precision - curve.null_mean)
-    text = summary_sentence(curve)
-    assert text.startswith("From step 0 to step 10, precision@5 of the action space rises against goal (")
+    text = summary_sentence(curve, {5: 0.5, 10: 0.75})
+    assert text.startswith("From step 0 (the untrained agent) to step 10, precision@5 of the action space rises "
+                           "against goal (")
     assert "; falls against start (1.000 → " in text and "; shows no clear change (the interval spans 0) against " \
         "other (" in text
+    assert "From step 5 to step 10 (training accuracy 0.500 → 0.750), it rises against goal" in text
+    assert [(c["from_step"], c["space"], c["direction"]) for c in changes(curve)] == [
+        (0, "start", "falls"), (0, "goal", "rises"), (0, "other", "holds"),
+        (5, "start", "falls"), (5, "goal", "rises"), (5, "other", "holds")]
 
 
 def test_one_snapshot_has_no_change():
     snapshots, spaces = synthetic(steps=(7,))
     curve = score_snapshots(snapshots, spaces, align_config())
-    assert np.isnan(curve.change_ci).all() and curve.direction(0) == "holds"
+    assert curve.change_ci.shape == (1, 3, 2) and changes(curve) == []
     assert summary_sentence(curve) == "One snapshot only (step 7): no change over training to report."
 
 

@@ -54,7 +54,7 @@ class Curve:
     null_mean: np.ndarray  # [S, M] mean of the permutation null
     null_sd: np.ndarray  # [S, M] its standard deviation
     p_value: np.ndarray  # [S, M] one-sided, (1 + #{null >= raw}) / (1 + permutations)
-    change_ci: np.ndarray  # [M, 2] bootstrap interval of last minus first snapshot; NaN with one snapshot
+    change_ci: np.ndarray  # [S, M, 2] bootstrap interval of the last snapshot's score minus each snapshot's
 
     @property
     def chance(self) -> float:
@@ -64,9 +64,10 @@ class Curve:
     def calibrated(self) -> np.ndarray:
         return self.precision - self.null_mean
 
-    def direction(self, space: int) -> str:
-        """'rises', 'falls' or 'holds': whether the change's interval excludes zero, and on which side."""
-        low, high = self.change_ci[space]
+    def direction(self, space: int, since: int = 0) -> str:
+        """'rises', 'falls' or 'holds' from snapshot ``since`` to the last: whether the interval of the change
+        excludes zero, and on which side."""
+        low, high = self.change_ci[since, space]
         return "rises" if low > 0 else "falls" if high < 0 else "holds"
 
     def records(self) -> list[dict]:
@@ -96,12 +97,11 @@ def score_snapshots(snapshots: Mapping[int, EmbeddingTable], spaces: Mapping[str
     key = jax.random.key(s.seed)
     null = permutation_null(indices, pairs, jax.random.fold_in(key, 0), s.permutations)  # the headline's draws
     scale = n * s.k
-    change_ci = np.full((m, 2), np.nan)
-    if count > 1:
-        ends = np.concatenate([pairs[:m], pairs[-m:]])  # (first step, space) then (last step, space)
-        counts = overlap_counts(indices, indices, jnp.asarray(ends))
-        boot = bootstrap_means(counts[m:] - counts[:m], jax.random.fold_in(key, 1), s.bootstrap) / s.k
-        change_ci = np.stack(percentile_interval(boot, CI_LEVEL), axis=1)
+    # Paired changes: per-instruction overlaps of the last snapshot minus those of each snapshot, resampled.
+    counts = overlap_counts(indices, indices, jnp.asarray(pairs))
+    changes = (counts[-m:][None] - counts.reshape(count, m, n)).reshape(count * m, n)
+    boot = bootstrap_means(changes, jax.random.fold_in(key, 1), s.bootstrap) / s.k
+    change_ci = np.stack(percentile_interval(boot, CI_LEVEL), axis=-1).reshape(count, m, 2)
     shape = (count, m)
     return Curve(tuple(steps), names, n, s.k, (raw / scale).reshape(shape), (null.mean(0) / scale).reshape(shape),
                  (null.std(0) / scale).reshape(shape), p_values(raw, null).reshape(shape), change_ci)
@@ -137,9 +137,9 @@ def alignment_over_training(workdir: str | Path, config: ml_collections.ConfigDi
     curve = score_snapshots(snapshots, spaces, config)
     accuracy, success = training_accuracy(workdir), success_rates(workdir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    reading = summary_sentence(curve)
+    reading = summary_sentence(curve, accuracy)
     report.write_records(out_dir, STEM, curve.records(), n=curve.n, k=curve.k, chance=curve.chance,
-                         steps=list(curve.steps), spaces=list(curve.spaces), changes=_changes(curve),
+                         steps=list(curve.steps), spaces=list(curve.spaces), changes=changes(curve),
                          train_accuracy=accuracy, success_rate=success, summary=reading)
     plot(out_dir / f"{STEM}.png", curve, accuracy, success)
     log.info("alignment over %d snapshots of training written to %s", len(curve.steps), out_dir / f"{STEM}.csv")
@@ -164,29 +164,44 @@ def success_rates(workdir: Path) -> dict[int, float]:
     return dict(sorted(rates.items()))
 
 
-def _changes(curve: Curve) -> list[dict]:
-    first, last = curve.precision[0], curve.precision[-1]
-    return [{"space": space, "first_step": curve.steps[0], "last_step": curve.steps[-1], "first": float(first[j]),
-             "last": float(last[j]), "change": float(last[j] - first[j]), "ci_low": float(curve.change_ci[j, 0]),
-             "ci_high": float(curve.change_ci[j, 1]), "direction": curve.direction(j),
-             "highest_step": curve.steps[int(curve.precision[:, j].argmax())]}
-            for j, space in enumerate(curve.spaces)] if len(curve.steps) > 1 else []
+def changes(curve: Curve) -> list[dict]:
+    """From every snapshot but the last to the last: the two scores, the change and its interval, per space."""
+    return [{"space": space, "from_step": curve.steps[i], "to_step": curve.steps[-1],
+             "from": float(curve.precision[i, j]), "to": float(curve.precision[-1, j]),
+             "change": float(curve.precision[-1, j] - curve.precision[i, j]),
+             "ci_low": float(curve.change_ci[i, j, 0]), "ci_high": float(curve.change_ci[i, j, 1]),
+             "direction": curve.direction(j, since=i)}
+            for i in range(len(curve.steps) - 1) for j, space in enumerate(curve.spaces)]
 
 
-def summary_sentence(curve: Curve) -> str:
-    """What the curve shows, from the numbers: which spaces the action space moves towards or away from."""
-    if len(curve.steps) < 2:
-        return f"One snapshot only (step {curve.steps[0]}): no change over training to report."
+def summary_sentence(curve: Curve, accuracy: Mapping[int, float] | None = None) -> str:
+    """What the curve shows, from the numbers: which spaces the action space moves towards or away from, from
+    the first snapshot to the last and, when the first is the untrained agent, from the second (the agent
+    getting better, rather than learning at all)."""
+    steps = curve.steps
+    if len(steps) < 2:
+        return f"One snapshot only (step {steps[0]}): no change over training to report."
+    out = [f"From step {steps[0]}{' (the untrained agent)' if steps[0] == 0 else ''} to step {steps[-1]}, "
+           f"precision@{curve.k} of the action space {_moves(curve, 0)}."]
+    if steps[0] == 0 and len(steps) > 2:
+        accuracy = accuracy or {}
+        gain = (f" (training accuracy {accuracy[steps[1]]:.3f} → {accuracy[steps[-1]]:.3f})"
+                if steps[1] in accuracy and steps[-1] in accuracy else "")
+        out.append(f"From step {steps[1]} to step {steps[-1]}{gain}, it {_moves(curve, 1)}.")
+    out.append(f"Intervals: {CI_LEVEL:.0%} bootstrap over instructions of the paired change.")
+    return " ".join(out)
+
+
+def _moves(curve: Curve, since: int) -> str:
     groups: dict[str, list[str]] = {"rises": [], "falls": [], "holds": []}
-    for change in _changes(curve):
-        groups[change["direction"]].append(
-            f"{change['space']} ({change['first']:.3f} → {change['last']:.3f}, {change['change']:+.3f}, "
-            f"CI [{change['ci_low']:+.3f}, {change['ci_high']:+.3f}])")
+    for j, space in enumerate(curve.spaces):
+        before, after = curve.precision[since, j], curve.precision[-1, j]
+        low, high = curve.change_ci[since, j]
+        groups[curve.direction(j, since)].append(
+            f"{space} ({before:.3f} → {after:.3f}, {after - before:+.3f} [{low:+.3f}, {high:+.3f}])")
     wording = {"rises": "rises against", "falls": "falls against",
                "holds": "shows no clear change (the interval spans 0) against"}
-    parts = [f"{wording[d]} {', '.join(items)}" for d, items in groups.items() if items]
-    return (f"From step {curve.steps[0]} to step {curve.steps[-1]}, precision@{curve.k} of the action space "
-            + "; ".join(parts) + f" ({CI_LEVEL:.0%} bootstrap intervals of the change over instructions).")
+    return "; ".join(f"{wording[d]} {', '.join(items)}" for d, items in groups.items() if items)
 
 
 def render(curve: Curve, accuracy: Mapping[int, float], success: Mapping[int, float], reading: str) -> str:
@@ -199,7 +214,7 @@ def render(curve: Curve, accuracy: Mapping[int, float], success: Mapping[int, fl
         f"The action space recorded at {len(curve.steps)} steps of training (step 0: the untrained agent; the last: "
         f"the `action` table), each scored against every other space at last layers: precision@{curve.k} over "
         f"N = {curve.n} instructions, chance k/(N-1) = {curve.chance:.3f}. Permutation nulls: mean "
-        f"{curve.null_mean.min():.3f}–{curve.null_mean.max():.3f}, standard deviation at most "
+        f"{_span(curve.null_mean)}, standard deviation at most "
         f"{curve.null_sd.max():.3f}, at every step and space; the calibrated scores (raw minus the null's mean) "
         f"and p-values are in `{STEM}.csv`. In bold, each space's highest value. Training accuracy: the "
         f"behavioural-cloning accuracy logged at that step; success: closed-loop success, mean over levels, "
@@ -207,6 +222,11 @@ def render(curve: Curve, accuracy: Mapping[int, float], success: Mapping[int, fl
     )
     table = report.markdown_table(["step", "train accuracy", "success", *curve.spaces], rows)
     return "\n\n".join([intro, table, reading])
+
+
+def _span(values: np.ndarray) -> str:
+    low, high = f"{values.min():.3f}", f"{values.max():.3f}"
+    return low if low == high else f"{low}–{high}"
 
 
 def _value(v: float | None) -> str:
@@ -237,7 +257,10 @@ def plot(path: Path, curve: Curve, accuracy: Mapping[int, float], success: Mappi
     bottom.set_ylim(-0.03, 1.03)  # a success of 0 stays visible
     bottom.set_ylabel("fraction")
     bottom.set_xlabel("training step")
-    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(curve.steps) <= 12:
+        bottom.set_xticks(curve.steps)  # shared with the top panel: a tick at every snapshot
+    else:
+        bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     if accuracy or success:
         bottom.legend(fontsize=8, loc="lower right")
     fig.savefig(path, dpi=120)
