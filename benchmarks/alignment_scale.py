@@ -1,8 +1,25 @@
-"""Speed and memory of ``precision_matrix`` (M spaces, all pairs) against references, then how far it scales.
+"""Speed and memory of the neighbour search against faiss, of ``precision_matrix`` (M spaces, all pairs)
+against references, then how far it scales.
 
     python -m benchmarks.alignment_scale                                   # this machine, default sizes
-    python -m benchmarks.alignment_scale --sizes=10000 --dims=384 --repeats=2
+    python -m benchmarks.alignment_scale --sizes= --max_n=0 --knn_sizes=10000,20000 --knn_dims=384,4096
+    python -m benchmarks.alignment_scale --sizes=10000 --dims=384 --repeats=2 --knn_sizes=
     python -m benchmarks.alignment_scale --sizes=20000 --dims=4096 --max_n=1000000 --device_summary  # a GPU
+
+First the search alone against faiss, the exact search an engineer would otherwise reach for, for every
+N in ``--knn_sizes`` and D in ``--knn_dims``, one space, in one process per (N, D): ours is
+``knn_indices(x, k)`` on the raw rows (it normalises them inside); faiss (faiss-cpu, or faiss-gpu's
+``GpuIndexFlatIP`` on a GPU) is ``IndexFlatIP`` built on the pre-normalised rows and searched for k + 1
+neighbours, the row itself then dropped. Both run on every core (faiss's OpenMP threads set to
+``os.cpu_count()``; XLA:CPU's pool is that size already), or on ``--knn_threads`` cores (the process
+pinned to them; XLA single-threaded for 1). Times are the best of ``--knn_rounds`` interleaved rounds,
+compiled (from N = 50 000 the first calls, compilation included: seconds against minutes), with
+the ratio of CPU seconds beside the ratio of wall seconds
+(on one core, CPU time is what a busy machine disturbs least); our first call, with compilation, is
+beside them. Peak memory beyond the inputs is measured for each in turn, faiss first (the process's peak RSS is
+reset in between). Then the neighbour sets are compared row by row: identical, or differing only inside a tie at
+our 1e-6 rounding (two candidates whose similarities round to the same value, where we take the lower
+index and faiss the higher similarity), or different (a mismatch: none is expected).
 
 For every N and D, with M random spaces, in one run:
 - ours: ``lvaa_jax.alignment.precision_matrix`` (neighbours once per space from the tiles of half of
@@ -54,8 +71,92 @@ def _status_bytes(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
 
 
+def _reset_peak() -> None:
+    """Resets this process's peak RSS (VmHWM) to its current RSS (Linux)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _knn_vs_faiss(spec: dict) -> dict:
+    """Ours and faiss on the same random space: first calls, memory, interleaved warm rounds, and the
+    comparison of their neighbour sets."""
+    threads = spec["threads"]
+    if threads < os.cpu_count():  # before XLA starts its thread pool
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
+        if threads == 1:
+            os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+    import faiss
+    import jax
+    import jax.numpy as jnp
+
+    from lvaa_jax.alignment import knn_indices
+
+    n, d, k = spec["n"], spec["d"], spec["k"]
+    faiss.omp_set_num_threads(threads)
+    gpu = jax.devices()[0].platform == "gpu" and hasattr(faiss, "StandardGpuResources")
+    resources = faiss.StandardGpuResources() if gpu else None
+    x = np.random.default_rng(spec.get("seed", 0)).standard_normal((n, d), dtype=np.float32)
+    rows = x / np.linalg.norm(x, axis=1, keepdims=True)
+    on_device = jax.block_until_ready(jnp.asarray(x))
+
+    def ours() -> np.ndarray:
+        return np.asarray(knn_indices(on_device, k))
+
+    def theirs() -> np.ndarray:
+        index = faiss.GpuIndexFlatIP(resources, d) if gpu else faiss.IndexFlatIP(d)
+        index.add(rows)
+        _, found = index.search(rows, k + 1)
+        return found
+
+    out = {"faiss": f"faiss {faiss.__version__} ({'GpuIndexFlatIP' if gpu else 'IndexFlatIP'}, "
+                    f"{faiss.omp_get_max_threads()} threads)"}
+    # faiss first: memory it frees could be reused by what runs after it without raising the peak, and its
+    # footprint is the smaller, so ours is the one whose peak could be understated (by at most faiss's).
+    for name, run in (("faiss", theirs), ("ours", ours)):
+        before = _status_bytes("VmRSS")
+        _reset_peak()
+        start, cpu = time.perf_counter(), time.process_time()
+        result = run()
+        out[f"{name}_first"] = time.perf_counter() - start
+        out[f"{name}_first_cpu"] = time.process_time() - cpu
+        out[f"{name}_mem"] = _status_bytes("VmHWM") - before
+        if name == "ours":
+            mine = result
+        else:
+            found = result
+    for _ in range(spec["rounds"]):  # interleaved, so that a busy spell hits both; wall and CPU seconds
+        for name, run in (("ours", ours), ("faiss", theirs)):
+            start, cpu = time.perf_counter(), time.process_time()
+            run()
+            for key, value in ((f"{name}_best", time.perf_counter() - start),
+                               (f"{name}_cpu", time.process_time() - cpu)):
+                out[key] = min(out.get(key, value), value)
+    out |= _compare_sets(rows, mine, found, k)
+    return out
+
+
+def _compare_sets(rows: np.ndarray, mine: np.ndarray, found: np.ndarray, k: int) -> dict:
+    """Rows whose neighbour sets are identical, differ only inside a tie at the 1e-6 rounding, or differ."""
+    n = len(rows)
+    theirs = np.stack([row[row != i][:k] if (row == i).any() else row[:k] for i, row in enumerate(found)])
+    same = (np.sort(mine, 1) == np.sort(theirs, 1)).all(1)
+    ties = mismatches = 0
+    for i in np.flatnonzero(~same):
+        quantised = np.round(rows[i].astype(np.float64) @ rows.astype(np.float64).T * 1e6)
+        quantised[i] = -np.inf
+        kth = np.sort(quantised)[-k]
+        differing = np.setxor1d(mine[i], theirs[i])
+        if (np.abs(quantised[differing] - kth) <= 1).all():  # one quantum: float32 against float64 sums
+            ties += 1
+        else:
+            mismatches += 1
+    return {"identical": int(same.sum()), "tie_only": ties, "mismatches": mismatches, "rows": n}
+
+
 def _measure(spec: dict) -> dict:
     """Runs one implementation on fresh inputs in this process; seconds, memory and the result."""
+    if spec["impl"] == "knn_vs_faiss":
+        return _knn_vs_faiss(spec)
     impl, n, d, m = spec["impl"], spec["n"], spec["d"], spec["m"]
     setup, make = _IMPLS[impl]
     native, on_host = setup()  # imports the framework before the baseline
@@ -278,6 +379,33 @@ def compare(n: int, d: int, args: flags.FlagValues, refs: list[str], peak: float
     return flops / floor["seconds"]
 
 
+def against_faiss(args: flags.FlagValues) -> None:
+    """The search alone, ours against faiss, every N of --knn_sizes and D of --knn_dims (see the top)."""
+    threads = args.knn_threads or os.cpu_count()
+    print(f"\nNeighbour search, one space, k = {args.k}, {threads} of {os.cpu_count()} cores: ours (knn_indices) "
+          "against faiss's exact search; seconds (best of interleaved rounds, compiled), first call, peak memory "
+          "beyond the inputs; 'cpu': the ratio of CPU seconds (best rounds), which a busy machine moves less")
+    print(f"{'N':>7} {'D':>5} | {'ours':>7} {'1st call':>8} {'mem':>9} | {'faiss':>7} {'mem':>9} | "
+          f"{'faiss/ours':>10} {'cpu':>6} | {'identical':>9} {'ties':>5} {'mismatch':>8}")
+    header = None
+    for n in (int(v) for v in args.knn_sizes.split(",") if v):
+        for d in map(int, args.knn_dims.split(",")):
+            rounds = args.knn_rounds if n < 50_000 else 0
+            r = measure({"impl": "knn_vs_faiss", "n": n, "d": d, "k": args.k, "rounds": rounds,
+                         "threads": threads}, args.timeout_s)
+            if r is None:
+                continue
+            if header != r["faiss"]:
+                header = r["faiss"]
+                print(f"  ({header})")
+            ours, theirs = r.get("ours_best", r["ours_first"]), r.get("faiss_best", r["faiss_first"])
+            cpu = r.get("faiss_cpu", r["faiss_first_cpu"]) / r.get("ours_cpu", r["ours_first_cpu"])
+            print(f"{n:>7} {d:>5} | {ours:>7.2f} {r['ours_first']:>8.2f} {_mib(r['ours_mem']):>9} | "
+                  f"{theirs:>7.2f} {_mib(r['faiss_mem']):>9} | {theirs / ours:>9.2f}x "
+                  f"{cpu:>5.2f}x | "
+                  f"{r['identical'] / r['rows']:>9.2%} {r['tie_only']:>5} {r['mismatches']:>8}", flush=True)
+
+
 def scaling(args: flags.FlagValues, floor_rate: float | None, peak: float | None) -> None:
     """The tiled search alone on one space, N doubling from --min_n to --max_n."""
     d = args.scale_dim
@@ -298,6 +426,11 @@ def scaling(args: flags.FlagValues, floor_rate: float | None, peak: float | None
               f"{of_floor:>8} {of_peak:>7}", flush=True)
 
 
+flags.DEFINE_string("knn_sizes", "10000,20000", "N values of the search against faiss ('': none).")
+flags.DEFINE_string("knn_dims", "384,4096", "D values of the search against faiss.")
+flags.DEFINE_integer("knn_rounds", 3, "Interleaved rounds of the search against faiss below N = 50 000 (above, "
+                     "the first calls, compilation included).")
+flags.DEFINE_integer("knn_threads", 0, "Cores for the search against faiss (0: all; fewer pins the process).")
 flags.DEFINE_string("sizes", "2000,10000,20000", "N values of the comparison ('': none).")
 flags.DEFINE_string("dims", "384,4096", "D values of the comparison.")
 flags.DEFINE_integer("spaces", 8, "M, spaces compared pairwise.")
@@ -324,6 +457,8 @@ def main(_) -> None:
     platform, peak = device_summary() if args.device_summary else ("cpu", None)
     peak = (args.peak_tflops or peak) if platform != "cpu" else None
     refs = [r for r in args.refs.split(",") if r in ("torch", "numpy")]
+    if args.knn_sizes:
+        against_faiss(args)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     floor_rate = {}  # D -> matmul FLOP/s of the floor at the largest N
     if sizes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import platform
@@ -79,8 +80,40 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
 
 
 def _exit(message: str) -> None:
+    """Prints the one line and exits. A failed orbax/tensorstore write leaves coroutines behind that
+    report themselves as the interpreter shuts down (pages of 'Exception ignored in ...'); the line is
+    the report, so those are dropped."""
     print(f"error: {message}", file=sys.stderr)
+    sys.unraisablehook = lambda unraisable: None
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # "Task exception was never retrieved"
     sys.exit(2)
+
+
+# Failures of the user's file system or paths rather than of this code: what to do about each.
+STORAGE_ADVICE = {
+    errno.EACCES: "choose a --workdir (or --out) you may write to, or fix its permissions",
+    errno.EPERM: "choose a --workdir (or --out) you may write to, or fix its permissions",
+    errno.EROFS: "the file system is read-only: choose a --workdir (or --out) on a writable one",
+    errno.ENOSPC: "free space on that disk, or choose a --workdir on another; then run the same command again",
+    errno.EDQUOT: "free space within your quota, or choose a --workdir on another disk; then run the same "
+                  "command again",
+    errno.ENOTDIR: "a part of that path is a file, not a folder: choose another --workdir (or --out)",
+}
+
+
+def storage_error(error: OSError) -> str | None:
+    """The one-line message for an OSError of the user's file system (permissions, read-only, full), else None.
+
+    It names the first failure: closing files after a failed write (a full disk) fails again, often
+    without a file name, and the later error carries the first in ``__context__``.
+    """
+    advice = STORAGE_ADVICE.get(error.errno)
+    if advice is None:
+        return None
+    while isinstance(error.__context__, OSError) and error.__context__.errno == error.errno:
+        error = error.__context__
+    where = f"{error.filename}: " if error.filename else "a file write failed: "
+    return f"{where}{error.strerror or os.strerror(error.errno)}; {advice}"
 
 
 HUGE_PAGES = "glibc.malloc.hugetlb"
@@ -114,9 +147,33 @@ def _glibc_with_huge_pages() -> bool:
     return library == "glibc" and numbers >= (2, 35) and "[never]" not in enabled
 
 
+class _OneLineTaskFailures(logging.Filter):
+    """asyncio's "Task exception was never retrieved" as one short line, each distinct one once.
+
+    orbax writes a checkpoint as many tensorstore coroutines; on a full disk each fails, and asyncio logs
+    each with its traceback (pages) while the main thread's error becomes the run's one ``error:`` line.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.exc_info or not str(record.msg).startswith("Task exception was never retrieved"):
+            return True
+        error = record.exc_info[1]
+        reason = str(error).rsplit(": ", 1)[-1] if error is not None else "unknown"
+        summary = f"a background write failed: {type(error).__name__}: {reason}"
+        if summary in self._seen:
+            return False
+        self._seen.add(summary)
+        record.msg, record.args, record.exc_info, record.exc_text = summary, (), None, None
+        return True
+
+
 def run(main: Callable[[Sequence[str]], None]) -> None:
-    """``absl.app.run`` whose user errors (LvaaError, bad flags) end as ``error: ...`` and exit code 2,
-    in a process restarted on huge pages (:func:`restart_on_huge_pages`)."""
+    """``absl.app.run`` whose user errors (LvaaError, bad flags, a read-only or full disk) end as
+    ``error: ...`` and exit code 2, in a process restarted on huge pages (:func:`restart_on_huge_pages`)."""
     restart_on_huge_pages()
 
     def guarded(argv: Sequence[str]) -> None:
@@ -124,10 +181,16 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
             _exit(f"unexpected arguments {list(argv[1:])}; every option is a --flag")
         logging.getLogger("absl").setLevel(logging.WARNING)  # orbax and jax log every save at INFO
         logging.getLogger("lvaa_jax").setLevel(logging.INFO)
+        logging.getLogger("asyncio").addFilter(_OneLineTaskFailures())
         try:
             main(argv)
         except LvaaError as e:
             _exit(str(e))
+        except OSError as e:
+            message = storage_error(e)
+            if message is None:
+                raise
+            _exit(message)
         except KeyboardInterrupt:
             _exit("interrupted; run the same command again to resume")
 

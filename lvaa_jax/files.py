@@ -1,4 +1,4 @@
-"""Small file helpers every stage shares: atomic JSON, appended CSV rows, file hashes, run logs."""
+"""Small file helpers every stage shares: atomic JSON and CSV, appended CSV rows, file hashes, run logs."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lvaa_jax.errors import LvaaError
+
 
 def sha256_file(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
@@ -21,11 +23,36 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def read_json(path: str | os.PathLike, remedy: str) -> Any:
+    """A JSON file, or a one-line LvaaError naming it and the ``remedy`` when it is cut short or altered."""
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise LvaaError(f"{path}: not valid JSON, cut short or altered ({e}); {remedy}") from None
+
+
+@contextlib.contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Puts ``path`` into an OSError raised in the block without a file name (a failed ``write()`` names
+    none), so that a full disk is reported with the file being written."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> None:
+    with naming(path), open(path, "wb") as f:
+        f.write(data)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Deterministic (sorted keys) and atomic: readers never see half a file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    write_bytes(tmp, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
     os.replace(tmp, path)
 
 
@@ -33,7 +60,7 @@ def append_csv(path: str | os.PathLike, row: dict) -> None:
     """Appends one row, writing the header first when the file is new."""
     path = Path(path)
     new = not path.exists() or path.stat().st_size == 0
-    with open(path, "a", newline="") as f:
+    with naming(path), open(path, "a", newline="") as f:
         out = csv.DictWriter(f, fieldnames=list(row))
         if new:
             out.writeheader()
@@ -41,10 +68,29 @@ def append_csv(path: str | os.PathLike, row: dict) -> None:
 
 
 def write_csv(path: str | os.PathLike, rows: list[dict], fields: list[str]) -> None:
-    with open(path, "w", newline="") as f:
+    """Atomic, like :func:`write_json`."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with naming(tmp), open(tmp, "w", newline="") as f:
         out = csv.DictWriter(f, fieldnames=fields)
         out.writeheader()
         out.writerows(rows)
+    os.replace(tmp, path)
+
+
+def drop_rows_after(path: str | os.PathLike, step: int) -> None:
+    """Keeps the complete rows of a CSV with a ``step`` column up to ``step``: a run resumed from that step
+    logs the later ones again, and a row cut short by a kill is no row."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        fields = reader.fieldnames
+    kept = [r for r in rows if None not in r.values() and r["step"].isdigit() and int(r["step"]) <= step]
+    if len(kept) != len(rows):
+        write_csv(path, kept, fields or ["step"])
 
 
 @contextlib.contextmanager

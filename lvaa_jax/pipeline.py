@@ -19,6 +19,7 @@ import jax
 import ml_collections
 
 from lvaa_jax.files import log_to_file, sha256_file, write_json
+from lvaa_jax.runlock import hold_run_folder
 
 log = logging.getLogger(__name__)
 STAGES = ("demos", "train", "embed", "align")
@@ -26,15 +27,29 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "minigrid", "n
 
 
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool = True) -> Path:
-    """Runs (or finishes) every stage in ``workdir`` and returns the path of ``alignment/report.md``."""
+    """Runs (or finishes) every stage in ``workdir`` and returns the path of ``alignment/report.md``.
+
+    The settings of the first three stages are checked before any of them starts (alignment's bounds
+    depend on the number of instructions, known only after the demos).
+    """
+    from lvaa_jax.agent.train import check_settings
+    from lvaa_jax.babyai.generate import demo_settings
+    from lvaa_jax.embeddings.stage import check_embed_settings
+
+    demo_settings(config)
+    check_settings(config)
+    check_embed_settings(config)
+    with hold_run_folder(workdir):
+        return _run_stages(config, Path(workdir), progress)
+
+
+def _run_stages(config: ml_collections.ConfigDict, workdir: Path, progress: bool) -> Path:
     from lvaa_jax.agent import train_and_evaluate
     from lvaa_jax.alignment import align_tables
     from lvaa_jax.alignment.training_curve import alignment_over_training
     from lvaa_jax.babyai import make_demos
     from lvaa_jax.embeddings import embed_instructions, load_table
 
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     record_path = workdir / "pipeline.json"  # seconds per stage of every invocation, the last one in progress
     record = json.loads(record_path.read_text()) if record_path.exists() else {"runs": []}
     seconds: dict[str, float] = {}

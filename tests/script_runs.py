@@ -15,5 +15,5 @@ def run_script(script: str, *flags: str) -> subprocess.CompletedProcess:
 def user_error(result: subprocess.CompletedProcess) -> str:
     """The error line of a run that must fail as a user error: exit code 2, no traceback, one line."""
     assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
     return result.stderr.strip().splitlines()[-1]

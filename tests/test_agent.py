@@ -7,18 +7,17 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 from flax.training.train_state import TrainState
 from jax.sharding import NamedSharding, PartitionSpec
+from tiny_runs import tiny_config
 
-from configs.default import get_config
 from lvaa_jax.agent import Agent, evaluate, instruction_embedding, make_mesh, make_train_step, restore_agent
 from lvaa_jax.agent.evaluate import _observe_and_act
 from lvaa_jax.agent.model import LayerNorm, ObservationEncoder, normalize
-from lvaa_jax.agent.snapshots import SnapshotRecorder, check_snapshot_every, load_snapshots
+from lvaa_jax.agent.snapshots import SnapshotRecorder, load_snapshots
 from lvaa_jax.agent.train import (
     build_agent,
     create_state,
@@ -27,28 +26,15 @@ from lvaa_jax.agent.train import (
     shard_batch,
     train_and_evaluate,
 )
-from lvaa_jax.babyai import WindowBatches, make_demos
+from lvaa_jax.babyai import WindowBatches
 from lvaa_jax.embeddings import instruction_set
 from lvaa_jax.errors import LvaaError
 
 
-def tiny_config(**train):
-    config = get_config("tiny")
-    config.data.num_workers = 0
-    config.data.episodes_per_level = 24
-    config.eval.episodes_per_level = 2
-    config.train.update(train)
-    return config
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A tiny run: demos, 20 training steps, checkpoints every 10."""
-    workdir = tmp_path_factory.mktemp("run")
-    config = tiny_config()
-    dataset = make_demos(config, workdir, progress=False)
-    evaluation = train_and_evaluate(config, workdir, progress=False)
-    return config, workdir, dataset, evaluation
+def run(trained_run):
+    """A tiny run: demos, 20 training steps, checkpoints every 10 (conftest.py)."""
+    return trained_run
 
 
 def test_layer_norm_with_its_own_backward_equals_flax():
@@ -210,32 +196,40 @@ def test_sharded_step_matches_single_device(run):
 
 
 def test_resume_after_a_kill_is_exact(run, tmp_path, monkeypatch):
+    """Killed at step 17 (last checkpoint at 10, evaluations and snapshots at 5, 10, 15), then run again: the
+    same parameters as an uninterrupted run, every metrics and evaluation row once, and the snapshots of the
+    uninterrupted run (which records every 10 steps: recording more often does not change training)."""
     _, workdir, _, _ = run
     straight = restore_agent(workdir)
-    # Same config in a fresh folder, killed at step 13 (last checkpoint at 10), then run again. Without
-    # snapshots of the action space: recording them (in the straight run) must not change training either.
-    config = tiny_config(snapshot_every=0)
-    for name in ("demos",):
-        (tmp_path / name).symlink_to(workdir / name)
+    config = tiny_config(eval_every=5, snapshot_every=5)  # evaluating, recording do not touch the parameters
+    (tmp_path / "demos").symlink_to(workdir / "demos")
     real_next = WindowBatches.__next__
 
-    def killed_at_13(self):
-        if self.position == 13:
+    def killed_at_17(self):
+        if self.position == 17:
             raise KeyboardInterrupt
         return real_next(self)
 
-    monkeypatch.setattr(WindowBatches, "__next__", killed_at_13)
+    monkeypatch.setattr(WindowBatches, "__next__", killed_at_17)
     with pytest.raises(KeyboardInterrupt):
         train_and_evaluate(config, tmp_path, progress=False)
     monkeypatch.setattr(WindowBatches, "__next__", real_next)
     assert restore_agent(tmp_path).step == 10
+    assert (tmp_path / "eval" / "step_00000015.json").exists()
+    assert list(load_snapshots(tmp_path)) == [0, 5, 10, 15]  # 15: past the checkpoint, written again on resume
     train_and_evaluate(config, tmp_path, progress=False)
     resumed = restore_agent(tmp_path)
     assert resumed.step == straight.step == config.train.steps
     chex.assert_trees_all_equal(resumed.params, straight.params)
     rows = (tmp_path / "metrics" / "train.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == [5, 10, 15, 20]  # nothing logged twice
-    assert not (tmp_path / "snapshots").exists()
+    rows = (tmp_path / "eval" / "eval.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[:2] for r in rows] == [[str(s), *config.data.levels] for s in (5, 10, 15, 20)]
+    resumed_snapshots, straight_snapshots = load_snapshots(tmp_path), load_snapshots(workdir)
+    assert sorted(p.name for p in (tmp_path / "snapshots").iterdir()) == [  # one file a step, no temporaries
+        f"action_step_{s:08d}.npz" for s in (0, 5, 10, 15, 20)]
+    for step in straight_snapshots:
+        np.testing.assert_array_equal(resumed_snapshots[step].embeddings, straight_snapshots[step].embeddings)
 
 
 def test_checkpoint_of_another_config_is_refused(run, tmp_path):
@@ -275,7 +269,7 @@ def test_a_bad_setting_leaves_the_workdir_usable(run, tmp_path):
     """A typo'd value fails before the checkpoint folder records the config, so the corrected command runs."""
     config, workdir, _, _ = run
     (tmp_path / "demos").symlink_to(workdir / "demos")
-    with pytest.raises(LvaaError, match="windows_per_row must be positive, got 8, 8 and 0"):
+    with pytest.raises(LvaaError, match=r"config.train.windows_per_row=0: must be a positive integer"):
         train_and_evaluate(tiny_config(windows_per_row=0), tmp_path, progress=False)
     bad_pooling = tiny_config()
     bad_pooling.model.pooling = "avg"
@@ -374,9 +368,10 @@ def test_a_run_killed_between_checkpoint_and_snapshot_ends_with_the_same_snapsho
 
 def test_snapshot_every_must_be_a_non_negative_integer(run, tmp_path):
     (tmp_path / "demos").symlink_to(run[1] / "demos")
-    with pytest.raises(LvaaError, match=r"config.train.snapshot_every=-1: must be a non-negative integer"):
+    with pytest.raises(LvaaError, match=r"config.train.snapshot_every=-1: must be an integer >= 0"):
         train_and_evaluate(tiny_config(snapshot_every=-1), tmp_path, progress=False)
     assert not (tmp_path / "checkpoints").exists()  # the corrected command can still use this folder
-    for value in (2.5, True, "10", None):  # a config built without ml_collections' type locks
-        with pytest.raises(LvaaError, match="must be a non-negative integer"):
-            check_snapshot_every(ml_collections.ConfigDict({"snapshot_every": value}))
+    config = tiny_config()
+    del config.train["snapshot_every"]  # a config written before snapshots existed
+    with pytest.raises(LvaaError, match=r"config.train.snapshot_every=None: must be an integer >= 0"):
+        train_and_evaluate(config, tmp_path, progress=False)

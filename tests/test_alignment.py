@@ -13,8 +13,10 @@ from configs.default import get_config
 from lvaa_jax.alignment import (
     align_tables,
     clamp_outliers,
+    knn,
     knn_indices,
     linear_cka,
+    nearest_neighbours,
     precision_at_k,
     precision_interval,
     precision_matrix,
@@ -46,31 +48,39 @@ def reference_precision(a: np.ndarray, b: np.ndarray, k: int) -> float:
     return float(np.mean([len(set(p) & set(q)) for p, q in zip(na, nb, strict=True)]) / k)
 
 
+def unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
 def reference_cka(a: np.ndarray, b: np.ndarray, debiased: bool) -> float:
-    """Kornblith et al.'s Gram-matrix CKA (linear kernel), unbiased HSIC centring when debiased."""
+    """The Platonic Representation Hypothesis code's ``cka`` (kernel 'ip') on unit rows, in numpy: HSIC of
+    the Gram matrices, biased (trace(K H L H)) or unbiased (Song et al.), without its +1e-6."""
+    k, l_ = unit(a) @ unit(a).T, unit(b) @ unit(b).T
+    hsic = hsic_unbiased if debiased else hsic_biased
+    return float(hsic(k, l_) / np.sqrt(hsic(k, k) * hsic(l_, l_)))
 
-    def centred_gram(x):
-        g = x @ x.T
-        n = g.shape[0]
-        if not debiased:
-            h = np.eye(n) - 1 / n
-            return h @ g @ h
-        g = g.copy()
-        np.fill_diagonal(g, 0)
-        means = g.sum(0) / (n - 2) - g.sum() / (2 * (n - 1) * (n - 2))
-        g -= means[:, None] + means[None, :]
-        np.fill_diagonal(g, 0)
-        return g
 
-    ga, gb = centred_gram(np.asarray(a, np.float64)), centred_gram(np.asarray(b, np.float64))
-    return float((ga * gb).sum() / np.sqrt((ga * ga).sum() * (gb * gb).sum()))
+def hsic_biased(k: np.ndarray, l_: np.ndarray) -> float:
+    h = np.eye(len(k)) - 1 / len(k)
+    return float(np.trace(k @ h @ l_ @ h))
+
+
+def hsic_unbiased(k: np.ndarray, l_: np.ndarray) -> float:
+    m = len(k)
+    k, l_ = k.copy(), l_.copy()
+    np.fill_diagonal(k, 0)
+    np.fill_diagonal(l_, 0)
+    value = (k * l_.T).sum() + k.sum() * l_.sum() / ((m - 1) * (m - 2)) - 2 * (k @ l_).sum() / (m - 2)
+    return float(value / (m * (m - 3)))
 
 
 def reference_procrustes(a: np.ndarray, b: np.ndarray) -> float:
-    """Centre, reduce the wider to the narrower width by PCA (SVD), unit Frobenius norm, nuclear norm."""
+    """Unit rows, centre, reduce the wider to the narrower width by PCA (SVD), unit Frobenius norm, nuclear
+    norm."""
 
     def pca(x, width):
-        x = np.asarray(x, np.float64) - np.mean(x, 0)
+        x = unit(x) - unit(x).mean(0)
         u, s, _ = np.linalg.svd(x, full_matrices=False)
         return (u * s)[:, :width]
 
@@ -137,6 +147,32 @@ def test_tile_sizes_and_sharding_equal_single_device(block):
     np.testing.assert_array_equal(np.asarray(knn_indices(x, 11, block_size=block)), single)
     np.testing.assert_array_equal(np.asarray(knn_indices(x, 11, block_size=block, devices=jax.devices()[:3])),
                                   single)
+
+
+def few_directions(seed: int, n: int = N) -> np.ndarray:
+    """Rows drawn from 6 sign patterns: every neighbour list is decided by ties, across tile groups."""
+    return sign_patterns(seed, n=8)[np.random.default_rng(seed).integers(0, 6, n)]
+
+
+@pytest.mark.parametrize("block, k", [(48, 9), (96, 9), (40, 9), (24, 5), (32, 3), (96, 40)])
+@pytest.mark.parametrize("make", [sign_patterns, few_directions, lambda s: with_duplicates(gaussian(s))],
+                         ids=["sign_patterns", "few_directions", "duplicates"])
+def test_two_level_top_k_matches_reference(block, k, make):
+    """Tiles wide enough for the group selection (k larger than a group, ties within and across groups, a
+    padded last block when N is not a multiple of the tile), on one device and shared over 8."""
+    assert knn.group_size(block, k) > 1
+    x = make(4)
+    want = reference_knn(x, k)
+    for devices in (jax.devices()[:1], jax.devices()):
+        np.testing.assert_array_equal(np.asarray(knn_indices(x, k, block_size=block, devices=devices)), want)
+
+
+def test_neighbour_similarities_are_the_rounded_cosines():
+    x = sign_patterns(5)
+    values, ids = nearest_neighbours(x, 6)
+    want = np.round(np.take_along_axis(unit(x) @ unit(x).T, np.asarray(ids), 1) * 1e6) / 1e6
+    np.testing.assert_allclose(np.asarray(values), want, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(ids), reference_knn(x, 6))
 
 
 @pytest.mark.skipif(jax.default_backend() == "cpu", reason="accelerator tiles; run with JAX_PLATFORMS=cuda")
@@ -293,9 +329,9 @@ def test_align_tables_end_to_end(tmp_path, monkeypatch):
 
     def counted(x, k, **kwargs):
         searches.append(kwargs["name"])
-        return knn_indices(x, k, **kwargs)
+        return nearest_neighbours(x, k, **kwargs)
 
-    monkeypatch.setattr(stage, "knn_indices", counted)
+    monkeypatch.setattr(stage, "nearest_neighbours", counted)
     config = get_config("tiny").align
     config.k_sweep = (1, 5, 47, 60)  # 60 >= N: skipped and reported
     summary = align_tables(_tables(), config, tmp_path, {"Agent success": "level | 0.9", "Run": "seed 0"})

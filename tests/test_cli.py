@@ -1,5 +1,8 @@
-"""Process setup shared by the entry points: the restart on huge pages."""
+"""Process setup shared by the entry points: the restart on huge pages, failed background writes."""
 
+import asyncio
+import io
+import logging
 import os
 import subprocess
 import sys
@@ -33,3 +36,23 @@ def test_restarts_once_on_huge_pages_keeping_other_tunables(tunables, expected):
 
 def test_a_chosen_setting_is_kept_without_restart():
     assert run_python("glibc.malloc.hugetlb=0") == ["start", "glibc.malloc.hugetlb=0"]
+
+
+def test_failed_background_writes_are_one_line_each_once():
+    """orbax's failed tensorstore coroutines: asyncio logs each with a traceback unless filtered."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("asyncio")
+    logger.addHandler(handler)
+    task_filter = cli._OneLineTaskFailures()
+    logger.addFilter(task_filter)
+    loop = asyncio.new_event_loop()
+    try:
+        for fragment in range(3):
+            error = ValueError(f'RESOURCE_EXHAUSTED: Failed writing "d/{fragment}": No space left on device')
+            loop.call_exception_handler({"message": "Task exception was never retrieved", "exception": error})
+    finally:
+        loop.close()
+        logger.removeFilter(task_filter)
+        logger.removeHandler(handler)
+    assert stream.getvalue().splitlines() == ["a background write failed: ValueError: No space left on device"]

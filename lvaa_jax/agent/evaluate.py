@@ -13,7 +13,7 @@ import numpy as np
 from lvaa_jax.agent.model import Agent, instruction_embedding
 from lvaa_jax.babyai import Tokenizer, episode_seed, make_env
 from lvaa_jax.babyai.levels import quiet
-from lvaa_jax.files import append_csv, write_json
+from lvaa_jax.files import append_csv, drop_rows_after, write_json
 from lvaa_jax.progress import progress_bar
 
 
@@ -91,9 +91,20 @@ def _observe_and_act(model: Agent, params, memory, z, rows, slot, image, directi
 
 
 def write_evaluation(workdir: Path, step: int, evaluation: dict) -> None:
-    """``eval/step_<n>.json`` and one row per (step, level) in ``eval/eval.csv``."""
+    """One row per (step, level) in ``eval/eval.csv``, then ``eval/step_<n>.json`` (its presence marks the
+    evaluation done). Rows a killed run wrote for this step are replaced, never doubled."""
     directory = Path(workdir) / "eval"
     directory.mkdir(parents=True, exist_ok=True)
-    write_json(directory / f"step_{step:08d}.json", {"step": step, **evaluation})
+    drop_rows_after(directory / "eval.csv", step - 1)
     for level, r in evaluation["levels"].items():
         append_csv(directory / "eval.csv", {"step": step, "level": level, **r})
+    write_json(directory / f"step_{step:08d}.json", {"step": step, **evaluation})
+
+
+def drop_evaluations_after(workdir: Path, step: int) -> None:
+    """Forgets the evaluations after ``step``: a run resumed from there evaluates those steps again."""
+    directory = Path(workdir) / "eval"
+    drop_rows_after(directory / "eval.csv", step)
+    for path in directory.glob("step_*.json"):
+        if int(path.stem.removeprefix("step_")) > step:
+            path.unlink()

@@ -8,9 +8,8 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
-from lvaa_jax.agent.checkpoint import restore, saved_config
+from lvaa_jax.agent.checkpoint import open_manager, restore_newest, saved_config
 from lvaa_jax.agent.model import Agent, embed_instructions
 from lvaa_jax.agent.train import create_state, make_mesh
 from lvaa_jax.babyai import Tokenizer, load_demos
@@ -32,7 +31,8 @@ class RestoredAgent:
 
 def restore_agent(workdir: str | Path, step: int | None = None, trained: bool = True) -> RestoredAgent:
     """The agent of ``<workdir>``: its newest checkpoint (or ``step``), or with ``trained=False`` the same
-    architecture at its initial parameters (the untrained control)."""
+    architecture at its initial parameters (the untrained control). A damaged newest checkpoint is a
+    one-line error pointing to training, which restores it exactly: the run's agent is the newest one."""
     workdir = Path(workdir)
     directory = (workdir / "checkpoints").absolute()
     config = saved_config(directory)
@@ -41,9 +41,16 @@ def restore_agent(workdir: str | Path, step: int | None = None, trained: bool = 
     state = create_state(model, config, make_mesh(jax.devices()[:1]))
     if not trained:
         return RestoredAgent(model, state.params, dataset.tokenizer, config, 0)
-    with ocp.CheckpointManager(directory, item_names=("state", "data")) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None or step not in manager.all_steps():
-            raise LvaaError(f"{directory}: no checkpoint{'' if step is None else f' at step {step}'}; train first")
-        restored = restore(manager, step, state, with_data=False)
+    with open_manager(directory, create=False) as manager:
+        if step is not None and step not in manager.all_steps():
+            raise LvaaError(f"{directory}: no checkpoint at step {step}; its steps: {list(manager.all_steps())}")
+        found = restore_newest(manager, state, with_data=False, steps=None if step is None else [step])
+    if found is None:
+        raise LvaaError(f"{directory}: no checkpoint; train first")
+    step, restored, damaged = found
+    if damaged:  # an older agent than the run's would be embedded under the run's name
+        raise LvaaError(
+            f"{directory}: the newest checkpoint (step {damaged[0]}) is damaged (see the warning above); run "
+            f"scripts/train.py with this run's config again: it trains from step {step} to the same parameters"
+        )
     return RestoredAgent(model, restored["state"]["params"], dataset.tokenizer, config, int(step))

@@ -21,7 +21,6 @@ import ml_collections
 from lvaa_jax.agent.model import Agent, embed_instructions
 from lvaa_jax.babyai import Tokenizer
 from lvaa_jax.embeddings import EmbeddingTable, instruction_set, load_table, save_table
-from lvaa_jax.errors import LvaaError
 from lvaa_jax.files import sha256_file
 
 log = logging.getLogger(__name__)
@@ -33,14 +32,6 @@ def snapshot_path(workdir: str | Path, step: int) -> Path:
     return Path(workdir) / FOLDER / f"action_step_{step:08d}.npz"
 
 
-def check_snapshot_every(train: ml_collections.ConfigDict) -> int:
-    """``train.snapshot_every``: record every that many steps (and at steps 0 and the last); 0: never."""
-    every = train.snapshot_every
-    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-        raise LvaaError(f"config.train.snapshot_every={every!r}: must be a non-negative integer (0: no snapshots)")
-    return every
-
-
 class SnapshotRecorder:
     """Records the action space at step 0, every ``train.snapshot_every`` steps and at the last step.
 
@@ -49,7 +40,7 @@ class SnapshotRecorder:
     """
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path, model: Agent, tokenizer: Tokenizer):
-        self.every = check_snapshot_every(config.train)
+        self.every = config.train.snapshot_every  # 0: never (its bound is checked with train's settings)
         self.last_step = config.train.steps
         self.workdir = Path(workdir)
         self.model, self.tokenizer = model, tokenizer

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import logging
@@ -18,14 +17,24 @@ import optax
 from flax.training.train_state import TrainState
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lvaa_jax.agent.checkpoint import Checkpoints, check_compatible
-from lvaa_jax.agent.evaluate import evaluate, write_evaluation
+from lvaa_jax.agent.checkpoint import Checkpoints, check_compatible, damage
+from lvaa_jax.agent.evaluate import drop_evaluations_after, evaluate, write_evaluation
 from lvaa_jax.agent.model import POOLINGS, Agent
 from lvaa_jax.agent.snapshots import SnapshotRecorder
 from lvaa_jax.babyai import DemoDataset, WindowBatches, load_demos
+from lvaa_jax.babyai.generate import check_demos_match
+from lvaa_jax.config_checks import (
+    FRACTION,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    check_section,
+)
 from lvaa_jax.errors import LvaaError
-from lvaa_jax.files import append_csv, write_csv
+from lvaa_jax.files import append_csv, drop_rows_after, naming
 from lvaa_jax.progress import progress_bar
+from lvaa_jax.runlock import holds_run_folder
 
 log = logging.getLogger(__name__)
 Batch = dict[str, jax.Array]
@@ -52,7 +61,20 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
     )
 
 
-def build_agent(config: ml_collections.ConfigDict, dataset: DemoDataset) -> Agent:
+def check_settings(config: ml_collections.ConfigDict) -> None:
+    """The model, train and eval sections, before any work: a bad value is a one-line error."""
+    check_model(config)
+    check_section(config, "train", steps=POSITIVE_INT, batch_size=POSITIVE_INT, windows_per_row=POSITIVE_INT,
+                  learning_rate=POSITIVE, warmup_steps=NON_NEGATIVE_INT, weight_decay=NON_NEGATIVE,
+                  grad_clip=POSITIVE, log_every=POSITIVE_INT, checkpoint_every=POSITIVE_INT,
+                  keep_checkpoints=POSITIVE_INT, eval_every=NON_NEGATIVE_INT, snapshot_every=NON_NEGATIVE_INT)
+    check_section(config, "eval", episodes_per_level=POSITIVE_INT, max_steps=NON_NEGATIVE_INT)
+
+
+def check_model(config: ml_collections.ConfigDict) -> None:
+    check_section(config, "model", width=POSITIVE_INT, cell_width=POSITIVE_INT, num_heads=POSITIVE_INT,
+                  instruction_layers=NON_NEGATIVE_INT, memory_layers=NON_NEGATIVE_INT, mlp_ratio=POSITIVE_INT,
+                  context=POSITIVE_INT, dropout=FRACTION)
     model = config.model
     if model.pooling not in POOLINGS:
         raise LvaaError(f"config.model.pooling: unknown pooling {model.pooling!r}; known: {', '.join(POOLINGS)}")
@@ -63,7 +85,11 @@ def build_agent(config: ml_collections.ConfigDict, dataset: DemoDataset) -> Agen
         )
     if model.dtype not in ("float32", "bfloat16"):
         raise LvaaError(f"config.model.dtype must be float32 or bfloat16, got {model.dtype!r}")
-    return Agent.from_config(model, dataset.tokenizer.size, dataset.max_instruction_length)
+
+
+def build_agent(config: ml_collections.ConfigDict, dataset: DemoDataset) -> Agent:
+    check_model(config)
+    return Agent.from_config(config.model, dataset.tokenizer.size, dataset.max_instruction_length)
 
 
 def example_batch(model: Agent, batch_size: int = 1) -> dict[str, np.ndarray]:
@@ -137,8 +163,14 @@ def create_state(model: Agent, config: ml_collections.ConfigDict, mesh: Mesh) ->
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool = True) -> dict:
     """Trains (or resumes) the agent on ``<workdir>/demos`` and returns the final closed-loop evaluation."""
-    workdir = Path(workdir)
+    check_settings(config)
+    return _train_and_evaluate(config, Path(workdir), progress)
+
+
+@holds_run_folder
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, progress: bool) -> dict:
     dataset = load_demos(workdir / "demos")
+    check_demos_match(config, dataset)
     finished = finished_evaluation(config, workdir)
     if finished is not None:
         log.info("%s: training finished earlier; its final evaluation is in %s/eval", workdir, workdir)
@@ -147,8 +179,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, p
     mesh = make_mesh()
     if train.batch_size % mesh.size:
         raise LvaaError(f"config.train.batch_size={train.batch_size} must be a multiple of the {mesh.size} devices")
-    model = build_agent(config, dataset)  # a bad setting fails here, before the checkpoint folder binds the config
-    snapshots = SnapshotRecorder(config, workdir, model, dataset.tokenizer)
+    model = build_agent(config, dataset)
+    snapshots = SnapshotRecorder(config, workdir, model, dataset.tokenizer)  # reads the instruction set before work
     batches = WindowBatches(dataset, train.batch_size, model.context, config.seed, train.windows_per_row)
     log.info("%d windows in %d rows of %d steps per epoch: %.0f%% real steps, %d batches", len(batches.window_length),
              batches.rows_per_epoch, model.context, 100 * batches.fill, batches.batches_per_epoch)
@@ -160,6 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, p
     metrics_dir = workdir / "metrics"
     metrics_dir.mkdir(parents=True, exist_ok=True)
     writer = MetricsWriter(metrics_dir, resume_step=start)
+    drop_evaluations_after(workdir, start)
     pending: list[dict] = []
     tick = time.perf_counter()
     try:
@@ -197,7 +230,10 @@ def finished_evaluation(config: ml_collections.ConfigDict, workdir: str | Path) 
     """The final evaluation of a finished run of this config in ``workdir``, or None if training must run."""
     workdir = Path(workdir)
     final = workdir / "eval" / f"step_{config.train.steps:08d}.json"
+    checkpoint = workdir / "checkpoints" / str(config.train.steps)
     if not check_compatible(workdir / "checkpoints", config) or not final.exists():
+        return None
+    if not checkpoint.is_dir() or damage(checkpoint) is not None:  # train again from the newest intact one
         return None
     return json.loads(final.read_text())
 
@@ -221,16 +257,14 @@ class MetricsWriter:
         self.directory = directory
         self.tensorboard = SummaryWriter(str(directory), purge_step=resume_step + 1)
         for path in directory.glob("*.csv"):
-            with open(path, newline="") as f:
-                reader = csv.DictReader(f)
-                kept = [r for r in reader if int(r["step"]) <= resume_step]
-                fields = reader.fieldnames
-            write_csv(path, kept, fields or ["step"])
+            drop_rows_after(path, resume_step)
 
     def write(self, step: int, values: dict[str, float], split: str) -> None:
-        for k, v in values.items():
-            self.tensorboard.add_scalar(f"{split}/{k}", v, step)
+        with naming(self.directory):  # tensorboardX's writes name no file
+            for k, v in values.items():
+                self.tensorboard.add_scalar(f"{split}/{k}", v, step)
         append_csv(self.directory / f"{split}.csv", {"step": step, **{k: f"{v:.6g}" for k, v in values.items()}})
 
     def close(self) -> None:
-        self.tensorboard.close()
+        with naming(self.directory):
+            self.tensorboard.close()

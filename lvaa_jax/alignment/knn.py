@@ -34,16 +34,17 @@ AXIS = "data"
 def default_block_size(n: int, d: int, num_devices: int, platform: str) -> int:
     """Side of the square similarity tiles: ``block`` x ``block`` float32 per step.
 
-    The diagonal tiles are computed whole (a waste of about block / N of the matmul), and on CPU a tile's
-    top-k runs on one thread and costs more per element on short rows, so the best tile depends on D.
-    Measured on 2 cores: at D = 384, where the top-k costs more than the matmul, tiles of N / 5 rows
-    ran fastest up to 8 000 (N = 10 000 and 40 000); at D = 4 096, ~2 000 (N = 10 000 and 20 000).
-    Accelerators want large tiles for their matmul units. With several devices there are at least 2
-    blocks per device, so the tiles, which devices share out, number at least ~2 per device. A multiple
-    of 8, splitting N into equal blocks.
+    Larger tiles waste more matmul on the diagonal tiles (about block / 4N of it), and on CPU each row of
+    each tile costs two top-k calls of about 1 us on one thread, so the best tile depends on D. Measured on
+    this project's 2-core machine: at D = 384, where the top-k is a large share, tiles of N / 5 rows up to
+    8 192; at D = 4 096, where the matmul is nearly all of it, N / 10 rows between 1 024 and 2 048 (at
+    10 000 rows, 1 000-row tiles took 3% less CPU time than 2 000-row ones, and 8% less before diagonal
+    tiles were split). Accelerators want large tiles for their matmul units. With several
+    devices there are at least 2 blocks per device, so the tiles, which devices share out, number at least
+    ~2 per device. A multiple of 8, splitting N into equal blocks.
     """
     if platform == "cpu":
-        block = min(8192 if d < 1024 else 2048, max(1024, -(-n // 5)))
+        block = min(8192, max(1024, -(-n // 5))) if d < 1024 else min(2048, max(1024, -(-n // 10)))
     else:
         block = 8192
     blocks = max(-(-n // block), min(2 * num_devices, -(-n // 8)) if num_devices > 1 else 1)
@@ -65,6 +66,13 @@ def knn_indices(x, k: int, *, block_size: int | None = None, devices: Sequence[j
     the device), so peak memory is N * k + block^2 per device besides x itself, and the tiles are split over
     ``devices`` (default: all). ``name`` labels the space in error messages.
     """
+    return nearest_neighbours(x, k, block_size=block_size, devices=devices, name=name)[1]
+
+
+def nearest_neighbours(x, k: int, *, block_size: int | None = None, devices: Sequence[jax.Device] | None = None,
+                       name: str = "embeddings") -> tuple[jax.Array, jax.Array]:
+    """(float32[N, k] similarities, int32[N, k] indices): ``knn_indices`` with the cosine similarity of each
+    listed neighbour, rounded to 1e-6 as the search ranks them (what CKNNA reads)."""
     x = check_space(x, name)
     n = x.shape[0]
     k = check_k(k, n)
@@ -73,7 +81,8 @@ def knn_indices(x, k: int, *, block_size: int | None = None, devices: Sequence[j
         block_size = default_block_size(n, x.shape[1], len(devices), devices[0].platform)
     elif isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
         raise LvaaError(f"block_size={block_size!r}: must be a positive integer")
-    return _knn(x, k=k, block=int(block_size), mesh=data_mesh(devices))
+    values, ids = _knn(x, k=k, block=int(block_size), mesh=data_mesh(devices))
+    return values / QUANTA_PER_UNIT, ids
 
 
 def _best(values: jax.Array, ids: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -102,51 +111,114 @@ def _merge_later(best: tuple[jax.Array, jax.Array], offered: tuple[jax.Array, ja
     return jnp.maximum(v1, v2), i1 + i2
 
 
+def group_size(block: int, k: int) -> int:
+    """Entries per group of the two-level top-k over ``block`` entries (1: a plain top-k).
+
+    A two-level top-k costs one top-k over the block / g group maxima and one over the k g entries of the
+    k best groups, so g ~ sqrt(block / k) balances the two; g divides the block.
+    """
+    target = max(1, round((block / k) ** 0.5))
+    g = next(g for g in range(target, 0, -1) if block % g == 0)
+    return g if g > 1 and k * g < block else 1
+
+
+def _offer(sims: jax.Array, other: jax.Array, k: int, columns: bool) -> tuple[jax.Array, jax.Array]:
+    """The k best (quantised similarity, id) that a [B, B] tile of similarities (-inf where masked) offers
+    each of its rows, or each of its columns when ``columns``; ``other`` holds the ids along the other axis.
+    Best first, ties to the lower id.
+
+    Two-level where the tile allows it (``group_size``), and exact: the k groups of g consecutive entries
+    with the highest maxima (ties to the lower group) hold the top k, since each of the k groups ranked
+    above any other group holds an entry that beats all of that group's entries. Their k g entries,
+    gathered in id order, go through a top-k of their own. XLA:CPU's top-k runs on one thread at about 1 us
+    per row plus 3 ns per entry (measured), whereas the group maxima are one vectorised pass over the tile:
+    a row's top-k reads ~2 sqrt(k B) entries instead of B. Columns are read where they lie, never from a
+    transposed copy. Rounding commutes with the maximum, so only maxima and candidates are rounded.
+    """
+    b = sims.shape[0]
+    g = group_size(b, k)
+    if g == 1:
+        values, at = lax.top_k(jnp.round((sims.T if columns else sims) * QUANTA_PER_UNIT), min(k, b))
+        return values, other[at]  # a tile row may be shorter than k
+    if columns:
+        maxima = sims.reshape(b // g, g, b).max(1).T
+    else:
+        maxima = sims.reshape(b, b // g, g).max(2)
+    groups = jnp.sort(lax.top_k(jnp.round(maxima * QUANTA_PER_UNIT), k)[1], axis=1)  # [B, k]
+    if columns:
+        picked = jnp.take_along_axis(sims.reshape(b // g, g, b), groups.T[:, None, :], axis=0)  # [k, g, B]
+        picked = picked.reshape(k * g, b).T
+    else:
+        picked = jnp.take_along_axis(sims.reshape(b, b // g, g), groups[:, :, None], axis=1).reshape(b, k * g)
+    values, at = lax.top_k(jnp.round(picked * QUANTA_PER_UNIT), k)
+    return values, other[groups[jnp.arange(b)[:, None], at // g] * g + at % g]
+
+
 @functools.partial(jax.jit, static_argnames=("k", "block", "mesh"))
-def _knn(x: jax.Array, *, k: int, block: int, mesh: Mesh) -> jax.Array:
+def _knn(x: jax.Array, *, k: int, block: int, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
     # The similarity matrix is symmetric, so only its tiles (a, b) with a <= b are computed: each tile offers
-    # its rows' neighbours to block a and, transposed, its columns' neighbours to block b: half the matmul
-    # FLOPs of a row-by-row search. Devices take equal shares of the tiles, keep a running top-k of every
-    # row, and their lists are merged at the end. Tiles run in row-major order, so each block is offered
-    # candidates in increasing column order (blocks c < b from tiles (c, b), then b, b + 1, ... from tiles
-    # (b, .)) and a device merges lists cheaply (``_merge_later``). Rows are padded to a whole number of
-    # blocks; padded rows and columns, the diagonal and the filler tiles that even out the shares are -inf,
-    # which never enters a final list (every row has N - 1 >= k finite candidates).
+    # its rows' neighbours to block a and its columns' neighbours to block b: half the matmul FLOPs of a
+    # row-by-row search. Devices take equal shares of the tiles, keep a running top-k of every row, and
+    # their lists are merged at the end. Tiles run in row-major order, so each block is offered candidates
+    # in increasing column order (blocks c < b from tiles (c, b), then b, b + 1, ... from tiles (b, .)) and
+    # a device merges lists cheaply (``_merge_later``). A diagonal tile is symmetric too, so it is computed
+    # as three half tiles (its upper-left, upper-right and lower-right quarters, which keeps that order):
+    # the matmul wasted on diagonal tiles is then a quarter tile, not half. Rows are padded to a whole
+    # number of blocks. The diagonal and the padded columns are set to -inf in the tiles that hold them,
+    # which never enters a final list (every row has N - 1 >= k finite candidates); padded rows are offered
+    # neighbours that are dropped at the end, and the filler tiles that even out the devices' shares are
+    # skipped.
     n = x.shape[0]
     blocks = -(-n // block)
-    rows = jnp.pad(unit_rows(x), ((0, blocks * block - n), (0, 0)))
+    pad = blocks * block - n
+    rows = jnp.pad(unit_rows(x), ((0, pad), (0, 0)))
     first, second = np.triu_indices(blocks)
     filler = -len(first) % mesh.size
     tiles = np.stack([np.pad(first, (0, filler)), np.pad(second, (0, filler)),
                       np.arange(len(first) + filler) < len(first)], axis=1).astype(np.int32)
-    local = jnp.arange(block)
+    split = block % 2 == 0 and block >= 16  # diagonal tiles as three half tiles
 
     def device_tiles(rows: jax.Array, tiles: jax.Array) -> tuple[jax.Array, jax.Array]:
-        def offer(best, target, values, ids):
-            start = target * block
-            current = tuple(lax.dynamic_slice_in_dim(b, start, block) for b in best)
-            top_values, top = lax.top_k(values, min(k, block))  # a tile row may be shorter than k
-            merged = _merge_later(current, (top_values, ids[top]), k)
+        def offer(best, start, offered):
+            size = offered[0].shape[0]
+            current = tuple(lax.dynamic_slice_in_dim(b, start, size) for b in best)
+            merged = _merge_later(current, offered, k)
             return tuple(lax.dynamic_update_slice_in_dim(b, m, start, 0) for b, m in zip(best, merged, strict=True))
 
+        def square(best, rows_at, columns_at, size: int, diagonal: bool):
+            """The offers of the tile of rows [rows_at, + size) and columns [columns_at, + size)."""
+            inner = jnp.arange(size)
+            sims = jnp.dot(lax.dynamic_slice_in_dim(rows, rows_at, size),
+                           lax.dynamic_slice_in_dim(rows, columns_at, size).T, precision=lax.Precision.HIGHEST)
+            if diagonal:
+                sims = sims.at[inner, inner].set(-jnp.inf)
+            if pad:
+                sims = lax.cond(columns_at + size > n, lambda s: jnp.where(columns_at + inner < n, s, -jnp.inf),
+                                lambda s: s, sims)
+            best = offer(best, rows_at, _offer(sims, columns_at + inner, k, columns=False))
+            if not diagonal:
+                best = offer(best, columns_at, _offer(sims, rows_at + inner, k, columns=True))
+            return best
+
+        def diagonal_tile(best, at):
+            if not split:
+                return square(best, at, at, block, diagonal=True)
+            half = block // 2  # its upper-left, upper-right and lower-right quarters, in this order
+            best = square(best, at, at, half, diagonal=True)
+            best = square(best, at, at + half, half, diagonal=False)
+            return square(best, at + half, at + half, half, diagonal=True)
+
         def one_tile(best, tile):
-            a, b, real = tile[0], tile[1], tile[2] == 1
-            row_ids, col_ids = a * block + local, b * block + local
-            sims = jnp.dot(lax.dynamic_slice_in_dim(rows, a * block, block),
-                           lax.dynamic_slice_in_dim(rows, b * block, block).T, precision=lax.Precision.HIGHEST)
-            quantised = jnp.round(sims * QUANTA_PER_UNIT)  # integers, exact in float32: |sims| <= 1
-            valid = real & (row_ids[:, None] < n) & (col_ids[None, :] < n) & (row_ids[:, None] != col_ids[None, :])
-            quantised = jnp.where(valid, quantised, -jnp.inf)
-            best = offer(best, a, quantised, col_ids)
+            a, b = tile[0], tile[1]
+            return lax.cond(a == b, lambda best: diagonal_tile(best, a * block),
+                            lambda best: square(best, a * block, b * block, block, diagonal=False), best)
 
-            def offer_columns(best):
-                return offer(best, b, quantised.T, row_ids)
-
-            return lax.cond(a == b, lambda best: best, offer_columns, best), None  # a diagonal tile: done
+        def step(best, tile):
+            return lax.cond(tile[2] == 1, one_tile, lambda best, _: best, best, tile), None
 
         empty = (jnp.full((rows.shape[0], k), -jnp.inf), jnp.zeros((rows.shape[0], k), jnp.int32))
         empty = lax.pcast(empty, (AXIS,), to="varying")  # each device's lists are its own
-        best, _ = lax.scan(one_tile, empty, tiles)
+        best, _ = lax.scan(step if filler else lambda best, tile: (one_tile(best, tile), None), empty, tiles)
         return best[0][None], best[1][None]
 
     spec = PartitionSpec(AXIS)
@@ -154,8 +226,9 @@ def _knn(x: jax.Array, *, k: int, block: int, mesh: Mesh) -> jax.Array:
     values, ids = search(rows, jnp.asarray(tiles))
     if mesh.size > 1:
         values, ids = (jnp.moveaxis(a, 0, 1).reshape(a.shape[1], -1) for a in (values, ids))
-        return _best(values, ids, k)[1][:n]
-    return ids[0, :n]
+        values, ids = _best(values, ids, k)
+        return values[:n], ids[:n]
+    return values[0, :n], ids[0, :n]
 
 
 def _intersections(ia: jax.Array, ib: jax.Array) -> jax.Array:

@@ -44,7 +44,7 @@ def write_matrix(out_dir: Path, metric: str, names: Sequence[str], matrix: np.nd
         writer = csv.writer(f)
         writer.writerow(["space", *names])
         for name, row in zip(names, np.asarray(matrix), strict=True):
-            writer.writerow([name, *(f"{v:.6g}" for v in row)])
+            writer.writerow([name, *(_number(v, ".6g") for v in row)])
     write_json(out_dir / f"{metric}.json", {"metric": metric, "names": list(names), "matrix": matrix, **extra})
 
 
@@ -109,8 +109,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 def markdown_matrix(names: Sequence[str], matrix: np.ndarray, fmt: str = ".3f") -> str:
-    rows = [[name, *(format(v, fmt) for v in row)] for name, row in zip(names, matrix, strict=True)]
+    """Rows and columns named; undefined values (NaN) as n/a, which the report explains."""
+    rows = [[name, *(_number(v, fmt) for v in row)] for name, row in zip(names, matrix, strict=True)]
     return markdown_table(["", *names], rows)
+
+
+def _number(value: float, fmt: str) -> str:
+    return format(value, fmt) if math.isfinite(value) else "n/a"
 
 
 TITLES = {  # metric -> heading and heatmap title; every metric here gets a heatmap
@@ -122,7 +127,14 @@ TITLES = {  # metric -> heading and heatmap title; every metric here gets a heat
     "cka": "Linear CKA, last layers",
     "cka_debiased": "Debiased linear CKA, last layers",
     "rsa": "RSA (Spearman of cosine distances), last layers",
+    "svcca": "SVCCA (mean of 10 canonical correlations), last layers",
+    "cycle_knn": "Cycle kNN (k = {k}), last layers",
+    "lcs_knn": "LCS kNN (k = {k}; in [0, k]), last layers",
+    "edit_distance_knn": "Edit distance kNN (k = {k}), last layers",
+    "cknna": "CKNNA (k = {k}), last layers",
 }
+FAMILY = ("cycle_knn", "lcs_knn", "edit_distance_knn", "cknna")
+COMPANIONS = ("procrustes", "cka", "cka_debiased", "rsa", "svcca")
 
 
 def render(summary: Mapping, matrices: Mapping[str, np.ndarray], sweep: Sequence[Mapping],
@@ -163,8 +175,44 @@ def render(summary: Mapping, matrices: Mapping[str, np.ndarray], sweep: Sequence
     if s["rsa_instructions"] < n:
         out.append(f"RSA is computed on a fixed random subset of {s['rsa_instructions']} instructions "
                    "(it needs N^2 memory; align.rsa_max_n).")
-    for metric in ("procrustes", "cka", "cka_debiased", "rsa"):
+    for metric in COMPANIONS:
         out += [f"### {TITLES[metric]}", markdown_matrix(names, matrices[metric])]
+    out += [
+        "## The Platonic Representation Hypothesis metric family, last layers",
+        "Huh et al. (2024)'s kNN metrics beside mutual kNN (precision@k above), read from the same neighbour "
+        "lists (unit rows, self excluded, ties to the lower index): cycle kNN, the fraction of instructions "
+        "that are among the A-neighbours of one of their B-neighbours (row A, column B; not symmetric); LCS "
+        "kNN, the mean longest common subsequence of the two ordered lists (in [0, k], not divided by k, as "
+        "in that code); edit distance kNN, 1 - mean Levenshtein distance / k; CKNNA, unbiased CKA restricted "
+        "to pairs that are neighbours in both spaces (row A, column B). Each comes with its permutation null "
+        "(the same relabellings as precision@k's): the calibrated value is raw minus the null's mean, with "
+        "the one-sided p-value below it.",
+    ]
+    for metric in FAMILY:
+        calibrated = np.asarray(matrices[metric + "_calibrated"])
+        p = np.asarray(matrices[metric + "_p_value"])
+        cells = [[f"{_number(c, '+.3f')} (p {_number(q, '.3g')})" for c, q in zip(rc, rp, strict=True)]
+                 for rc, rp in zip(calibrated, p, strict=True)]
+        out += [f"### {TITLES[metric].format(k=k)}", markdown_matrix(names, matrices[metric]),
+                "Calibrated:", markdown_table(["", *names], [[name, *row] for name, row in
+                                                           zip(names, cells, strict=True)])]
+    out += [f"## Ties at the {k}th neighbour, last layers",
+            "The share of instructions whose k-th and (k+1)-th nearest neighbours are equally similar (after "
+            "rounding to 1e-6): there the tie rule (lower index) picks which of the tied instructions are "
+            "counted, so those instructions' kNN scores depend on instruction order. Bag-of-words spaces and "
+            "input layers, which give instructions made of the same words the same vector, have many.",
+            markdown_table(["space", "instructions with a tie at k"],
+                           [[sp["name"], f"{sp['ties_at_k']:.1%}"] for sp in summary["spaces"]])]
+    if summary["skipped_layers"] or summary["undefined"]:
+        out.append("## Left out, and why")
+    if summary["skipped_layers"]:
+        out.append("Layers where every instruction has the same vector (e.g. a first-token state at the input "
+                   "layer) tell instructions apart by nothing, so they are left out of the layer search and "
+                   "the per-layer curves: " + ", ".join(f"{e['space']} layer {e['layer']}"
+                                                        for e in summary["skipped_layers"]) + ".")
+    if summary["undefined"]:
+        out.append("Values shown as n/a are undefined for a space (its row and column):")
+        out.append("\n".join(f"- {e['metric']}, {e['space']}: {e['reason']}." for e in summary["undefined"]))
     ks = sorted({r["k"] for r in sweep})
     table = {(r["a"], r["b"]): {} for r in sweep}
     for r in sweep:

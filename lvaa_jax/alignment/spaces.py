@@ -15,9 +15,14 @@ from lvaa_jax.errors import LvaaError
 CLAMP_QUANTILE = 0.95
 
 
+SAME_DIRECTION_TOLERANCE = 1e-6  # unit rows closer than this in every coordinate point the same way
+
+
 def check_space(x, name: str = "embeddings") -> jax.Array:
     """``x`` as a float32 [N, D] device array, or an LvaaError naming ``name``: it must be 2-D with at least
-    two rows, finite, and have no zero rows (cosine similarity is undefined for those)."""
+    two rows, finite, have no zero rows (cosine similarity is undefined for those), and not point every row
+    the same way (then every similarity is 1: neighbours would be decided by the tie rule alone, and CKA,
+    Procrustes and RSA divide by a zero variance)."""
     x = x if isinstance(x, jax.Array) else np.asarray(x)
     if x.ndim != 2:
         raise LvaaError(f"{name}: embeddings must be a 2-D [N, D] array, got shape {np.shape(x)}")
@@ -31,7 +36,23 @@ def check_space(x, name: str = "embeddings") -> jax.Array:
     if zero.size:
         raise LvaaError(f"{name}: {zero.size} zero-norm row(s), the first is row {zero[0]}; cosine similarity "
                         "is undefined for them")
+    if one_direction(x):
+        raise LvaaError(f"{name}: all {x.shape[0]} rows point the same way (one vector for every instruction, up "
+                        "to scale), so no metric can tell its instructions apart")
     return x
+
+
+def one_direction(x: jax.Array) -> bool:
+    """Whether every row of x (finite, no zero rows) has the same direction as the first, to within float32
+    rounding (``SAME_DIRECTION_TOLERANCE`` per coordinate of the unit rows): a constant space, such as the
+    first-token state of every instruction at a model's input layer."""
+    return bool(_spread(x) <= SAME_DIRECTION_TOLERANCE)
+
+
+@jax.jit
+def _spread(x: jax.Array) -> jax.Array:
+    u = unit_rows(x)
+    return jnp.abs(u - u[0]).max()
 
 
 def check_same_n(spaces: dict[str, jax.Array]) -> int:

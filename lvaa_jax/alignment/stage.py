@@ -1,12 +1,15 @@
 """Stage 4: how alike are the embedding spaces? ``align_tables`` scores every pair and writes the report.
 
 Order of work, each step reusing the previous one's arrays:
-1. kNN index sets once per (space, layer), at the largest k any score needs (the k sweep takes prefixes).
+1. kNN lists once per (space, layer), at the largest k any score needs plus one (the k sweep takes
+   prefixes; the extra neighbour shows ties at the k-th). Constant layers before the last are left out.
 2. Overlaps for every layer pair of every two spaces (one batched kernel): per-layer curves, last-layer and
    best-layer-pair scores.
 3. Permutation null of every layer pair by relabelling the index sets; the best-pair score is calibrated
    against the null of the same maximum over layer pairs (max-over-layers inflates raw scores).
-4. Bootstrap intervals from per-instruction overlaps; the k sweep; Procrustes, CKA and RSA at the last layer.
+4. Bootstrap intervals from per-instruction overlaps; the k sweep; at the last layers, the Platonic
+   Representation Hypothesis kNN metrics from the same lists (with their nulls), and Procrustes, CKA, RSA
+   and SVCCA.
 """
 
 from __future__ import annotations
@@ -23,15 +26,16 @@ import numpy as np
 
 from lvaa_jax.alignment import report
 from lvaa_jax.alignment.knn import (
-    knn_indices,
+    nearest_neighbours,
     overlap_counts,
     overlap_totals,
     sweep_totals,
     symmetric,
     upper_pairs,
 )
-from lvaa_jax.alignment.similarity import similarity_matrices
-from lvaa_jax.alignment.spaces import check_k, check_space, clamp_outliers, unit_rows
+from lvaa_jax.alignment.knn_family import family_matrices
+from lvaa_jax.alignment.similarity import MIN_N_UNBIASED, similarity_matrices
+from lvaa_jax.alignment.spaces import check_k, check_space, clamp_outliers, one_direction, unit_rows
 from lvaa_jax.alignment.stats import (
     bootstrap_means,
     map_chunks,
@@ -87,29 +91,30 @@ class Settings:
 
 @dataclasses.dataclass(frozen=True)
 class LayerPairs:
-    """Every scored layer pair. Spaces a < b: all L_a x L_b layer pairs; a space with itself: its last layer
-    only (any layer matches itself perfectly). Rows of one space pair are contiguous."""
+    """Every scored layer pair. Spaces a < b: all pairs of their searched layers; a space with itself: its
+    last layer only (any layer matches itself perfectly). Rows of one space pair are contiguous."""
 
-    rows: np.ndarray  # int32[Q, 2]: rows of the [T, N, K] stack of (space, layer) index sets
+    rows: np.ndarray  # int32[Q, 2]: rows of the [T, N, K] stack of (space, searched layer) index sets
     layers: np.ndarray  # int32[Q, 2]: the layer within each space
     start: np.ndarray  # int[P]: first row of each space pair
     last: np.ndarray  # int[P]: row of each space pair's last-layer pair
 
     @classmethod
-    def build(cls, num_layers: Sequence[int], space_pairs: np.ndarray) -> LayerPairs:
-        offset = np.cumsum([0, *num_layers])[:-1]
-        layers, start, last = [], [], []
+    def build(cls, searched: Sequence[np.ndarray], space_pairs: np.ndarray) -> LayerPairs:
+        """``searched[s]``: the layers of space s in the stack, in order, its last layer last."""
+        offset = np.cumsum([0, *map(len, searched)])[:-1]
+        rows, layers, start, last = [], [], [], []
         size = 0
         for a, b in space_pairs:
-            top = (num_layers[a] - 1, num_layers[b] - 1)
+            top = (len(searched[a]) - 1, len(searched[b]) - 1)
             grid = np.asarray([top]) if a == b else np.argwhere(np.ones(np.add(top, 1), bool))
             start.append(size)
             last.append(size + len(grid) - 1)  # argwhere lists the grid row-major: (top) comes last
-            layers.append(grid)
+            rows.append(grid + offset[[a, b]])
+            layers.append(np.stack([searched[a][grid[:, 0]], searched[b][grid[:, 1]]], 1))
             size += len(grid)
-        layers = np.concatenate(layers).astype(np.int32)
-        owners = np.repeat(space_pairs, np.diff([*start, size]), axis=0)
-        return cls(layers + offset[owners], layers, np.asarray(start), np.asarray(last))
+        return cls(np.concatenate(rows).astype(np.int32), np.concatenate(layers).astype(np.int32),
+                   np.asarray(start), np.asarray(last))
 
 
 def align_folder(embeddings_dir: str | Path, config: ml_collections.ConfigDict, out_dir: str | Path,
@@ -135,28 +140,44 @@ def align_tables(tables: Mapping[str, EmbeddingTable], config: ml_collections.Co
         raise LvaaError(f"need at least two embedding tables to compare, got {len(tables)}")
     names = tuple(tables)
     n = _check_instructions(tables)
+    if n < MIN_N_UNBIASED:
+        raise LvaaError(f"{n} instructions: the alignment stage needs at least {MIN_N_UNBIASED} (debiased CKA and "
+                        "CKNNA divide by N (N - 3))")
     s = Settings.from_config(config, n)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     num_layers = [tables[name].num_layers for name in names]
     key = jax.random.key(s.seed)
 
-    def space(name: str, layer: int) -> tuple[jax.Array, str]:
+    def space(name: str, layer: int) -> tuple[jax.Array | None, str]:
         label = name if tables[name].num_layers == 1 else f"{name} (layer {layer % tables[name].num_layers})"
-        x = check_space(tables[name].layer(layer), label)
+        x = jnp.asarray(tables[name].layer(layer), jnp.float32)
+        last = layer % tables[name].num_layers == tables[name].num_layers - 1
+        if not last and x.ndim == 2 and len(x) > 1 and _constant(x):
+            return None, label  # a constant layer before the last: left out (``skipped``)
+        x = check_space(x, label)
         return (clamp_outliers(x) if s.clamp_outliers else x), label
 
+    # One search per (space, layer), one neighbour past the largest k so that ties at the k-th are visible.
     big_k = max(s.k, *s.sweep)
-    items = [(name, layer) for name, count in zip(names, num_layers, strict=True) for layer in range(count)]
-    neighbours = []
-    for name, layer in progress_bar(items, desc="neighbours", leave=False):
-        x, label = space(name, layer)
-        neighbours.append(knn_indices(x, big_k, block_size=s.block_size, name=label))
-    indices = jnp.stack(neighbours)
+    search_k = min(big_k + 1, n - 1)
+    searched, skipped, found = [], [], []
+    for name, count in zip(names, num_layers, strict=True):
+        kept = []
+        for layer in progress_bar(range(count), desc=f"neighbours of {name}", leave=False):
+            x, label = space(name, layer)
+            if x is None:
+                skipped.append({"space": name, "layer": layer})
+                continue
+            kept.append(layer)
+            found.append(nearest_neighbours(x, search_k, block_size=s.block_size, name=label))
+        searched.append(np.asarray(kept))
+    similarities = jnp.stack([v for v, _ in found])
+    indices = jnp.stack([i for _, i in found])[..., :big_k]
     head = indices[..., : s.k]
 
     space_pairs = upper_pairs(len(names))
-    lp = LayerPairs.build(num_layers, space_pairs)
+    lp = LayerPairs.build(searched, space_pairs)
     rows = jnp.asarray(lp.rows)
     raw = map_chunks(lambda ids: overlap_totals(head, head, rows[jnp.minimum(ids, len(rows) - 1)]),
                      len(rows), min(_LAYER_PAIR_CHUNK, len(rows)), "layer pairs")
@@ -178,14 +199,27 @@ def align_tables(tables: Mapping[str, EmbeddingTable], config: ml_collections.Co
     scores["last"].update(ci_low=ci_low[:p], ci_high=ci_high[:p])
     scores["best"].update(ci_low=ci_low[p:], ci_high=ci_high[p:])
 
+    last_rows = np.cumsum([len(kept) for kept in searched]) - 1
+    family, undefined = family_matrices(head, similarities[..., : s.k], last_rows, jax.random.fold_in(key, 0),
+                                        s.permutations)
+    values = np.asarray(similarities[last_rows])
+    ties = (values[..., s.k - 1] == values[..., s.k]).mean(1) if search_k > s.k else np.zeros(len(names))
+
     last_spaces = [unit_rows(space(name, -1)[0]) for name in names]
     rsa_rows = _rsa_rows(n, s.rsa_max_n, jax.random.fold_in(key, 2))
-    similarities = similarity_matrices(last_spaces, [x[rsa_rows] for x in last_spaces])
+    companions, companions_undefined = similarity_matrices(last_spaces, [x[rsa_rows] for x in last_spaces])
+    undefined |= companions_undefined
 
-    summary = _summary(names, tables, n, s, space_pairs, scores, rsa_rows.size)
-    _write(out_dir, summary, names, s, space_pairs, scores, similarities, lp, raw, sweep, num_layers,
+    summary = _summary(names, tables, n, s, space_pairs, scores, rsa_rows.size, skipped, ties, undefined)
+    _write(out_dir, summary, names, s, space_pairs, scores, companions | family, lp, raw, sweep, num_layers,
            extra_sections or {})
     return summary
+
+
+def _constant(x: jax.Array) -> bool:
+    """A finite layer without zero rows whose rows all point the same way (e.g. the first-token state at a
+    model's input layer, the same for every instruction)."""
+    return bool(jnp.isfinite(x).all()) and bool((jnp.linalg.norm(x, axis=1) > 0).all()) and one_direction(x)
 
 
 def _check_instructions(tables: Mapping[str, EmbeddingTable]) -> int:
@@ -217,8 +251,12 @@ def _rsa_rows(n: int, limit: int, key: jax.Array) -> np.ndarray:
 
 
 def _summary(names: tuple[str, ...], tables: Mapping[str, EmbeddingTable], n: int, s: Settings,
-             space_pairs: np.ndarray, scores: dict[str, dict[str, np.ndarray]], rsa_n: int) -> dict:
-    """The headline numbers of every pair of distinct spaces, with the settings (summary.json)."""
+             space_pairs: np.ndarray, scores: dict[str, dict[str, np.ndarray]], rsa_n: int, skipped: list[dict],
+             ties: np.ndarray, undefined: Mapping[str, Mapping[int, str]]) -> dict:
+    """The headline numbers of every pair of distinct spaces, with the settings (summary.json): also the
+    layers left out of the search (every instruction had the same vector there), each space's fraction of
+    instructions whose k-th and (k+1)-th neighbours tie at the last layer, and the metrics undefined for a
+    space, with why."""
     pairs = []
     for p, (a, b) in enumerate(space_pairs):
         if a == b:
@@ -232,9 +270,12 @@ def _summary(names: tuple[str, ...], tables: Mapping[str, EmbeddingTable], n: in
         "k": s.k,
         "chance": s.k / (n - 1),
         "spaces": [{"name": name, "layers": tables[name].num_layers, "width": tables[name].embeddings.shape[-1],
-                    "meta": tables[name].meta} for name in names],
+                    "ties_at_k": float(tie), "meta": tables[name].meta} for name, tie in zip(names, ties, strict=True)],
         "settings": dataclasses.asdict(s) | {"ci_level": CI_LEVEL, "rsa_instructions": rsa_n},
         "pairs": pairs,
+        "skipped_layers": skipped,
+        "undefined": [{"metric": metric, "space": names[a], "reason": reason}
+                      for metric, spaces in undefined.items() for a, reason in spaces.items()],
     }
 
 
@@ -279,7 +320,7 @@ def _write(out_dir: Path, summary: dict, names: tuple[str, ...], s: Settings, sp
         precision_of[r["b"], r["layer_b"], r["a"], r["layer_a"]] = r["precision"]
     for name, count in zip(names, num_layers, strict=True):
         if count > 1:
-            curves = {other: [precision_of[name, layer, other, last - 1] for layer in range(count)]
+            curves = {other: [precision_of.get((name, layer, other, last - 1), np.nan) for layer in range(count)]
                       for other, last in zip(names, num_layers, strict=True) if other != name}
             report.layer_curves(out_dir / f"layers_{name}.png", name, curves, summary["chance"], k)
 

@@ -1,4 +1,5 @@
-"""Permutation null and bootstrap intervals for precision@k, both from neighbour index sets computed once.
+"""Permutation null (of precision@k and the other kNN scores) and bootstrap intervals, both from neighbour
+index sets computed once.
 
 Random draws are indexed: draw i uses ``fold_in(key, i)``, so results do not depend on how draws are
 chunked, and the same key gives the same null and intervals on any machine.
@@ -6,6 +7,7 @@ chunked, and the same key gives the same null and intervals on any machine.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -34,30 +36,41 @@ def map_chunks(fn: Callable[[jax.Array], jax.Array], total: int, chunk: int, des
     return np.concatenate(out)
 
 
-def permutation_null(indices: jax.Array, pairs: np.ndarray, key: jax.Array, permutations: int) -> np.ndarray:
-    """int32[permutations, Q]: total overlap of every pair (a, b) of ``pairs`` after a random relabelling of
-    the instructions of b. ``indices`` is the [T, N, k] stack of index sets.
+def permutation_null(indices: jax.Array, pairs: np.ndarray, key: jax.Array, permutations: int,
+                     score: Callable | None = None, similarities: jax.Array | None = None) -> np.ndarray:
+    """[permutations, Q]: the score of every pair (a, b) of ``pairs`` after a random relabelling of the
+    instructions of b. ``indices`` is the [T, N, k] stack of index sets, ``similarities`` the matching stack
+    of similarities (for scores that read them). ``score(ia, va, ib, vb, pairs)`` scores pairs of stacks;
+    the default is precision@k's total overlap (int32).
 
     Permuting b's instruction order by pi (row i of b' is row pi(i) of b) turns its neighbour sets into
     N_b'(i) = pi^-1(N_b(pi(i))): a gather of rows and a relabelling of values, no new similarity. This keeps
     b's neighbourhood graph exactly (the graph-isomorphism null); recomputing kNN on b' would differ only
     where a tie straddles the k-th neighbour, where b' would pick the tied neighbour by its new index.
-    One permutation per draw is applied to every space's sets, so all pairs are scored under it at once.
+    One permutation per draw (draw i: ``fold_in(key, i)``) is applied to every space's sets, so all pairs,
+    and every score given the same key, are scored under the same relabellings.
     """
     t, n, k = indices.shape
-    chunk = min(_MAX_CHUNK, max(1, _CHUNK_BYTES // (4 * n * k * (t + k))))  # relabelled sets, one comparison
+    chunk = min(_MAX_CHUNK, max(1, _CHUNK_BYTES // (4 * n * k * (t + 4 * k))))  # relabelled sets, pair temps
     pairs = jnp.asarray(pairs)
-    return map_chunks(lambda ids: _null_chunk(indices, pairs, key, ids), permutations, chunk, "permutation null")
+    similarities = jnp.zeros((t, n, k)) if similarities is None else similarities
+    return map_chunks(lambda ids: _null_chunk(indices, similarities, pairs, key, ids, score or _overlap),
+                      permutations, chunk, "permutation null")
 
 
-@jax.jit
-def _null_chunk(indices: jax.Array, pairs: jax.Array, key: jax.Array, ids: jax.Array) -> jax.Array:
+def _overlap(ia, va, ib, vb, pairs):
+    return overlap_totals(ia, ib, pairs)
+
+
+@functools.partial(jax.jit, static_argnames=("score",))
+def _null_chunk(indices: jax.Array, similarities: jax.Array, pairs: jax.Array, key: jax.Array, ids: jax.Array,
+                score: Callable) -> jax.Array:
     n = indices.shape[1]
 
     def one(i: jax.Array) -> jax.Array:
         perm = jax.random.permutation(jax.random.fold_in(key, i), n)
         inverse = jnp.zeros(n, jnp.int32).at[perm].set(jnp.arange(n, dtype=jnp.int32))
-        return overlap_totals(indices, inverse[indices[:, perm]], pairs)
+        return score(indices, similarities, inverse[indices[:, perm]], similarities[:, perm], pairs)
 
     return jax.vmap(one)(ids)
 

@@ -13,10 +13,11 @@ Layout of ``demos/``::
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import numpy as np
 from lvaa_jax.babyai.rollout import Episode
 from lvaa_jax.babyai.tokenizer import Tokenizer
 from lvaa_jax.errors import LvaaError
-from lvaa_jax.files import sha256_file, write_json
+from lvaa_jax.files import read_json, sha256_file, write_bytes, write_json
 
 FORMAT_VERSION = 1
 STEP_ARRAYS = ("image", "direction", "action")
@@ -38,9 +39,11 @@ def shard_name(index: int) -> str:
 
 
 def write_shard(
-    directory: Path, episodes: Sequence[Episode], missions: dict[str, int], levels: Sequence[str]
+    directory: Path, episodes: Sequence[Episode], missions: dict[str, int], levels: Sequence[str],
+    extra_json: Mapping[str, Any] | None = None,
 ) -> dict:
-    """Writes one shard under a temporary name, then renames it: a shard folder is always complete."""
+    """Writes one shard (and ``extra_json``, file name -> object) under a temporary name, then renames it:
+    a shard folder is always complete."""
     lengths = np.asarray([len(e.action) for e in episodes], np.int32)
     arrays = {
         "image": np.concatenate([e.image for e in episodes]) if episodes else np.zeros((0, 7, 7, 3), np.uint8),
@@ -58,9 +61,13 @@ def write_shard(
     files = {}
     for name, array in arrays.items():
         path = tmp / f"{name}.npy"
-        np.save(path, array)
+        buffer = io.BytesIO()  # np.save to a file reports a full disk without its errno
+        np.save(buffer, array)
+        write_bytes(path, buffer.getbuffer())
         files[f"{name}.npy"] = {"sha256": sha256_file(path), "bytes": path.stat().st_size, "shape": list(array.shape)}
     info = {"episodes": len(episodes), "steps": int(lengths.sum()), "files": files}
+    for name, obj in (extra_json or {}).items():
+        write_json(tmp / name, obj)
     write_json(tmp / "shard.json", info)
     os.replace(tmp, directory)
     return info
@@ -124,7 +131,7 @@ def load_demos(path: str | os.PathLike, verify: bool = True) -> DemoDataset:
     if not manifest_path.exists():
         hint = " (generation was interrupted: run make_demos again to finish it)" if path.exists() else ""
         raise LvaaError(f"{path}: no demo dataset here (missing {MANIFEST}){hint}")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_json(manifest_path, "delete it and run make_demos again: it rebuilds it from the finished shards")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise LvaaError(
             f"{manifest_path}: demo format version {manifest.get('format_version')}, this lvaa_jax reads "

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import concurrent.futures as futures
-import json
+import ctypes
 import logging
 import math
 import multiprocessing
+import os
 import shutil
+import signal
+import sys
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -28,22 +33,27 @@ from lvaa_jax.babyai.dataset import (
 from lvaa_jax.babyai.levels import check_levels
 from lvaa_jax.babyai.rollout import level_missions, roll_episodes
 from lvaa_jax.babyai.tokenizer import Tokenizer
+from lvaa_jax.config_checks import NON_NEGATIVE_INT, POSITIVE_INT, check_section
 from lvaa_jax.errors import LvaaError
-from lvaa_jax.files import sha256_file, write_json
+from lvaa_jax.files import read_json, sha256_file, write_json
 from lvaa_jax.progress import progress_bar
+from lvaa_jax.runlock import holds_run_folder
 
 log = logging.getLogger(__name__)
 SETTINGS = "settings.json"
+REMAKE = "delete it and run make_demos again"
+REMAKE_SHARD = "delete that shard's folder and run make_demos again"
+# Where each entry of the settings comes from in the config.
+SETTING_KEYS = {"levels": "data.levels", "seed": "seed", "episodes_per_level": "data.episodes_per_level",
+                "episodes_per_shard": "data.episodes_per_shard", "census_resets": "data.census_resets"}
 
 
 def demo_settings(config: ml_collections.ConfigDict) -> dict:
     """Everything the bytes of the dataset depend on; a resumed run must match it exactly."""
+    check_section(config, "", seed=NON_NEGATIVE_INT)
+    check_section(config, "data", episodes_per_level=POSITIVE_INT, episodes_per_shard=POSITIVE_INT,
+                  num_workers=NON_NEGATIVE_INT, census_resets=NON_NEGATIVE_INT)
     data = config.data
-    for key in ("episodes_per_level", "episodes_per_shard"):
-        if int(data[key]) < 1:
-            raise LvaaError(f"config.data.{key} must be at least 1, got {data[key]}")
-    if int(data.census_resets) < 0 or int(data.num_workers) < 0:
-        raise LvaaError("config.data.census_resets and config.data.num_workers must not be negative")
     return {
         "format_version": FORMAT_VERSION,
         "minigrid_version": minigrid.__version__,
@@ -61,25 +71,25 @@ def make_demos(config: ml_collections.ConfigDict, workdir: str | Path, progress:
     Interrupted runs continue from their finished shards; a finished dataset is returned as is.
     """
     settings = demo_settings(config)
-    demos = Path(workdir) / "demos"
-    try:
-        demos.mkdir(parents=True, exist_ok=True)
-        _check_same_settings(demos, settings)
-    except PermissionError as e:
-        raise LvaaError(f"--workdir: cannot write to {e.filename or demos}: permission denied") from None
-    except OSError as e:
-        raise LvaaError(f"--workdir: cannot write to {demos}: {e.strerror}") from None
+    return _make_demos(config, settings, Path(workdir), progress)
+
+
+@holds_run_folder
+def _make_demos(config: ml_collections.ConfigDict, settings: dict, workdir: Path, progress: bool) -> DemoDataset:
+    demos = workdir / "demos"
+    demos.mkdir(parents=True, exist_ok=True)
+    _check_same_settings(demos, settings)
+    for stale in [*demos.glob("shard_*.tmp"), *demos.glob("*.json.tmp")]:  # half-written by a killed run
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     if (demos / MANIFEST).exists():
         log.info("demos in %s are complete; nothing to do", demos)
         return load_demos(demos)
 
     levels = settings["levels"]
-    for stale in demos.glob("shard_*.tmp"):  # half-written by a killed run
-        shutil.rmtree(stale)
     with _pool(int(config.data.num_workers)) as submit:
         if not (demos / MISSIONS).exists():
             _write_missions(demos, settings, submit, progress)
-        mission_ids = {m: i for i, m in enumerate(json.loads((demos / MISSIONS).read_text())["missions"])}
+        mission_ids = {m: i for i, m in enumerate(read_json(demos / MISSIONS, REMAKE)["missions"])}
         jobs = [(g % len(levels), g // len(levels)) for g in range(len(levels) * settings["episodes_per_level"])]
         size = settings["episodes_per_shard"]
         todo = [i for i in range(math.ceil(len(jobs) / size)) if not (demos / shard_name(i) / "shard.json").exists()]
@@ -93,6 +103,20 @@ def make_demos(config: ml_collections.ConfigDict, workdir: str | Path, progress:
                 bar.update(done.result())
     _write_manifest(demos, settings)
     return load_demos(demos)
+
+
+def check_demos_match(config: ml_collections.ConfigDict, dataset: DemoDataset) -> None:
+    """Refuses demos made with other data settings than ``config``'s: an agent trained on them would carry
+    a config (in its checkpoint, in the report) that describes other data than it saw."""
+    wanted = demo_settings(config)
+    made = dataset.manifest
+    changed = [f"config.{SETTING_KEYS[k]}={made.get(k)!r}, not {wanted[k]!r}" for k in SETTING_KEYS
+               if made.get(k) != wanted[k]]
+    if changed:
+        raise LvaaError(
+            f"{dataset.path} holds demos made with {'; '.join(changed)}; use the settings the demos were made "
+            "with, or make demos for this config in another --workdir"
+        )
 
 
 def summary_table(dataset: DemoDataset) -> str:
@@ -110,7 +134,7 @@ def summary_table(dataset: DemoDataset) -> str:
 def _check_same_settings(demos: Path, settings: dict) -> None:
     path = demos / SETTINGS
     if path.exists():
-        previous = json.loads(path.read_text())
+        previous = read_json(path, "it records what these demos were made with: delete the folder to make them again")
         if previous != settings:
             changed = sorted(k for k in settings if previous.get(k) != settings[k])
             raise LvaaError(
@@ -139,23 +163,22 @@ def _write_missions(demos: Path, settings: dict, submit: Callable, progress: boo
 def _make_shard(directory: Path, levels: list[str], jobs: list[tuple[int, int]], seed: int,
                 mission_ids: dict[str, int]) -> int:
     episodes, failures = roll_episodes(levels, jobs, seed)
-    write_shard(directory, episodes, mission_ids, levels)
     per_level = Counter(e.level for e in episodes)
     steps = Counter()
     for e in episodes:
         steps[e.level] += len(e.action)
-    write_json(directory / "counts.json", {
-        level: {"episodes": per_level[level], "steps": steps[level], "failures": failures[level]} for level in levels
-    })
+    counts = {level: {"episodes": per_level[level], "steps": steps[level], "failures": failures[level]}
+              for level in levels}
+    write_shard(directory, episodes, mission_ids, levels, {"counts.json": counts})
     return len(jobs)
 
 
 def _write_manifest(demos: Path, settings: dict) -> None:
-    shards = {p.name: json.loads((p / "shard.json").read_text()) for p in sorted(demos.glob("shard_?????"))}
-    missions = json.loads((demos / MISSIONS).read_text())
+    shards = {p.name: read_json(p / "shard.json", REMAKE_SHARD) for p in sorted(demos.glob("shard_?????"))}
+    missions = read_json(demos / MISSIONS, REMAKE)
     counts = {level: Counter() for level in settings["levels"]}
     for name in shards:
-        for level, c in json.loads((demos / name / "counts.json").read_text()).items():
+        for level, c in read_json(demos / name / "counts.json", REMAKE_SHARD).items():
             counts[level].update(c)
     manifest = {
         **settings,
@@ -169,12 +192,33 @@ def _write_manifest(demos: Path, settings: dict) -> None:
     write_json(demos / MANIFEST, manifest)
 
 
+def _end_with_parent(parent: int) -> None:
+    """Worker initializer: the worker ends when the process that started it ends, even by SIGKILL (which
+    gives it no chance to stop its pool); else orphaned workers would sit blocked, and the resource tracker
+    with them (it exits once every holder of its pipe has)."""
+    if sys.platform.startswith("linux"):
+        # The kernel signals the worker when the thread that started it exits: the thread that submits.
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    else:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # it died before the line above took effect
+        os._exit(1)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
 class _pool:
     """``submit`` into worker processes (spawned: safe when JAX is already imported), or inline for 0."""
 
     def __init__(self, workers: int):
         self.executor = (
-            futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers else None
+            futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_end_with_parent, initargs=(os.getpid(),))
+            if workers else None
         )
 
     def __enter__(self) -> Callable[..., futures.Future]:

@@ -19,11 +19,13 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from lvaa_jax.config_checks import POSITIVE_INT, check_section
 from lvaa_jax.embeddings.controls import bag_of_words, check_instructions, random_gaussian
 from lvaa_jax.embeddings.table import instructions_hash, read_meta, save_table
 from lvaa_jax.errors import LvaaError
 from lvaa_jax.files import sha256_file, write_json
 from lvaa_jax.progress import progress_bar
+from lvaa_jax.runlock import holds_run_folder
 
 log = logging.getLogger(__name__)
 CONTROLS = ("untrained_agent", "bag_of_words", "random")
@@ -116,8 +118,14 @@ def build_spaces(config: ml_collections.ConfigDict, workdir: Path, instructions:
     return spaces
 
 
+def check_embed_settings(config: ml_collections.ConfigDict) -> None:
+    check_section(config, "embed", batch_size=POSITIVE_INT, random_dim=POSITIVE_INT)
+
+
+@holds_run_folder
 def embed_instructions(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool = True) -> dict[str, Path]:
     """Writes ``<workdir>/embeddings/<space>.npz`` for every space and ``instructions.json``; returns the tables."""
+    check_embed_settings(config)
     workdir = Path(workdir)
     out = workdir / "embeddings"
     out.mkdir(parents=True, exist_ok=True)
