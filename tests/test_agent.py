@@ -14,10 +14,11 @@ from flax.training.train_state import TrainState
 from jax.sharding import NamedSharding, PartitionSpec
 from tiny_runs import tiny_config
 
+from configs.default import get_config
 from lvaa_jax.agent import Agent, evaluate, instruction_embedding, make_mesh, make_train_step, restore_agent
 from lvaa_jax.agent.evaluate import _observe_and_act
 from lvaa_jax.agent.model import LayerNorm, ObservationEncoder, normalize
-from lvaa_jax.agent.snapshots import SnapshotRecorder, load_snapshots
+from lvaa_jax.agent.snapshots import SnapshotRecorder, load_snapshots, snapshot_path
 from lvaa_jax.agent.train import (
     build_agent,
     create_state,
@@ -332,7 +333,7 @@ def test_closed_loop_step_equals_the_training_forward(run):
 
 def test_snapshots_of_the_action_space_at_step_0_every_snapshot_step_and_the_last(run):
     config, workdir, _, _ = run
-    assert config.train.snapshot_every == config.train.checkpoint_every == 10  # follows checkpoint_every
+    assert config.train.snapshot_every == config.train.checkpoint_every == 10
     snapshots = load_snapshots(workdir)
     assert list(snapshots) == [0, 10, 20]
     instructions = instruction_set(config, workdir)
@@ -342,6 +343,23 @@ def test_snapshots_of_the_action_space_at_step_0_every_snapshot_step_and_the_las
     np.testing.assert_array_equal(snapshots[0].embeddings, restore_agent(workdir, trained=False).embed(instructions))
     np.testing.assert_array_equal(snapshots[20].embeddings, restore_agent(workdir).embed(instructions))
     assert not np.array_equal(snapshots[10].embeddings, snapshots[20].embeddings)
+
+
+def test_snapshots_follow_the_length_of_training():
+    config = get_config()
+    assert config.train.snapshot_every == config.train.steps // 10 == 300  # 11 points, steps 0 to 3000
+    config.train.steps = 20000
+    assert config.train.snapshot_every == 2000
+
+
+def test_a_damaged_snapshot_is_a_one_line_error_naming_it(run, tmp_path):
+    (tmp_path / "snapshots").mkdir()
+    for step in (0, 10):
+        (tmp_path / "snapshots" / f"action_step_{step:08d}.npz").symlink_to(snapshot_path(run[1], step))
+    (tmp_path / "snapshots" / "action_step_00000020.npz").write_bytes(snapshot_path(run[1], 20).read_bytes()[:100])
+    with pytest.raises(LvaaError, match=r"action_step_00000020.npz: not an embedding table .*; delete this snapshot "
+                                        r"to score the others \(the curve then lacks step 20\)$"):
+        load_snapshots(tmp_path)
 
 
 def test_a_run_killed_between_checkpoint_and_snapshot_ends_with_the_same_snapshots(run, tmp_path, monkeypatch):

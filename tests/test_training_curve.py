@@ -1,5 +1,8 @@
 """Alignment over training from snapshot tables alone (the real run's curve is tested in test_pipeline.py)."""
 
+import csv
+import json
+
 import numpy as np
 import pytest
 
@@ -78,3 +81,51 @@ def test_tables_of_different_instruction_lists_are_a_user_error(tmp_path):
     save_table(snapshot_path(tmp_path, 0), snapshots[0].embeddings, snapshots[0].instructions, {"step": 0})
     with pytest.raises(LvaaError, match="other: instruction list differs from goal's"):
         alignment_over_training(tmp_path, align_config(), tmp_path / "alignment")
+
+
+def clustered(kept_clusters: int, clusters: int = 12, size: int = 5) -> np.ndarray:
+    """[clusters * size, clusters] tight clusters on orthogonal directions: each point's size - 1 nearest
+    neighbours are its cluster mates. The first ``kept_clusters`` clusters are those of the goal partition
+    (0-4, 5-9, ...); the others are regrouped so that every new cluster takes one point from each of ``size``
+    different goal clusters, so their points share no neighbour with the goal's."""
+    rest = clusters - kept_clusters
+    assert rest == 0 or rest >= size
+    group = np.arange(clusters * size) // size
+    for j in range(size):  # point j of goal cluster i (i >= kept) joins new cluster kept + (i + j) mod rest
+        members = np.arange(kept_clusters, clusters) * size + j
+        group[members] = kept_clusters + (np.arange(rest) + j) % rest if rest else group[members]
+    noise = np.random.default_rng(kept_clusters).normal(scale=1e-3, size=(clusters * size, clusters))
+    return (np.eye(clusters)[group] + noise).astype(np.float32)
+
+
+def test_snapshots_of_known_spaces_score_their_known_precision(tmp_path):
+    """A snapshot sharing c of the goal's 12 clusters of 5 agrees with it on exactly c/12 of the points
+    (k = 4: the cluster mates), whatever the step; the files carry those values."""
+    instructions = tuple(f"instruction {i}" for i in range(60))
+    kept = {0: 0, 100: 3, 200: 6, 300: 12}
+    for step, c in kept.items():
+        save_table(snapshot_path(tmp_path, step), clustered(c), instructions, {"step": step})
+    goal = clustered(12)
+    other = np.random.default_rng(1).standard_normal((60, 12)).astype(np.float32)
+    for name, x in (("goal", goal), ("other", other)):
+        save_table(tmp_path / "embeddings" / f"{name}.npz", x, instructions, {})
+    section = alignment_over_training(tmp_path, align_config(k=4), tmp_path / "alignment")
+
+    out = json.loads((tmp_path / "alignment" / "training_curve.json").read_text())
+    assert out["steps"] == [0, 100, 200, 300] and out["spaces"] == ["goal", "other"]
+    assert (out["n"], out["k"], out["chance"]) == (60, 4, pytest.approx(4 / 59))
+    precision = {(r["step"], r["space"]): r["precision"] for r in out["records"]}
+    assert [precision[step, "goal"] for step in kept] == [0.0, 0.25, 0.5, 1.0]
+    assert all(abs(precision[step, "other"] - 4 / 59) < 0.1 for step in kept)
+    with open(tmp_path / "alignment" / "training_curve.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["step", "space", "precision", "calibrated", "null_mean", "null_sd", "p_value"]
+    assert [(int(r["step"]), r["space"], float(r["precision"])) for r in rows] == [
+        (s, space, precision[s, space]) for s in kept for space in ("goal", "other")]
+    goal_changes = [c for c in out["changes"] if c["space"] == "goal"]
+    assert [(c["from_step"], c["change"], c["direction"]) for c in goal_changes] == [
+        (0, 1.0, "rises"), (100, 0.75, "rises"), (200, 0.5, "rises")]
+    assert (tmp_path / "alignment" / "training_curve.png").stat().st_size > 0
+    text = section[HEADING]
+    assert "| 300 |  |  | **1.000** |" in text and "| 0 |  |  | 0.000 |" in text
+    assert "rises against goal (0.000 → 1.000, +1.000" in text

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import logging
 import re
+import time
 from pathlib import Path
 
 import jax
@@ -21,6 +22,7 @@ import ml_collections
 from lvaa_jax.agent.model import Agent, embed_instructions
 from lvaa_jax.babyai import Tokenizer
 from lvaa_jax.embeddings import EmbeddingTable, instruction_set, load_table, save_table
+from lvaa_jax.errors import LvaaError
 from lvaa_jax.files import sha256_file
 
 log = logging.getLogger(__name__)
@@ -60,13 +62,20 @@ class SnapshotRecorder:
             "config_sha256": sha256_file(self.workdir / "checkpoints" / "config.json"),
             "pooling": self.pooling, "layers": "all", "date": date,
         }
+        start = time.perf_counter()
         embeddings = embed_instructions(self.model, params, self.tokenizer, self.instructions)
         path = save_table(snapshot_path(self.workdir, step), embeddings, self.instructions, meta)
-        log.info("action space at step %d: %s", step, path)
+        log.info("action space at step %d: %s (%.2f s)", step, path, time.perf_counter() - start)
 
 
 def load_snapshots(workdir: str | Path) -> dict[int, EmbeddingTable]:
     """Every snapshot in ``<workdir>/snapshots``, by step, in step order (empty when there are none)."""
     folder = Path(workdir) / FOLDER
     found = sorted((int(m.group(1)), p) for p in folder.glob("action_step_*.npz") if (m := _NAME.fullmatch(p.name)))
-    return {step: load_table(path) for step, path in found}
+    snapshots = {}
+    for step, path in found:
+        try:
+            snapshots[step] = load_table(path)
+        except LvaaError as e:  # written atomically, so damaged after the fact: the others still score
+            raise LvaaError(f"{e}; delete this snapshot to score the others (the curve then lacks step {step})") from None
+    return snapshots

@@ -19,6 +19,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -134,6 +135,7 @@ def alignment_over_training(workdir: str | Path, config: ml_collections.ConfigDi
                          "embedding tables (was `config.embed.instructions` changed after training?). Snapshots "
                          "are recorded while the agent trains; train again in a fresh run folder to score these "
                          "instructions."}
+    start = time.perf_counter()
     curve = score_snapshots(snapshots, spaces, config)
     accuracy, success = training_accuracy(workdir), success_rates(workdir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -142,8 +144,25 @@ def alignment_over_training(workdir: str | Path, config: ml_collections.ConfigDi
                          steps=list(curve.steps), spaces=list(curve.spaces), changes=changes(curve),
                          train_accuracy=accuracy, success_rate=success, summary=reading)
     plot(out_dir / f"{STEM}.png", curve, accuracy, success)
-    log.info("alignment over %d snapshots of training written to %s", len(curve.steps), out_dir / f"{STEM}.csv")
+    log.info("alignment over %d snapshots of training written to %s (%.1f s)", len(curve.steps),
+             out_dir / f"{STEM}.csv", time.perf_counter() - start)
     return {HEADING: render(curve, accuracy, success, reading)}
+
+
+def console_table(out_dir: str | Path) -> str:
+    """The curve as the pipeline prints it: one line per space, precision@k at each snapshot step; "" when
+    ``out_dir`` has no curve (a run without snapshots)."""
+    path = Path(out_dir) / f"{STEM}.json"
+    if not path.exists():
+        return ""
+    curve = json.loads(path.read_text())
+    steps = curve["steps"]
+    values = {(r["step"], r["space"]): r["precision"] for r in curve["records"]}
+    lines = [f"action space over training: precision@{curve['k']} at each snapshot step (figure: {path.with_suffix('.png')})",
+             f"{'step':16s} " + " ".join(f"{step:>6d}" for step in steps)]
+    lines += [f"{space[:16]:16s} " + " ".join(f"{values[step, space]:6.3f}" for step in steps)
+              for space in curve["spaces"]]
+    return "\n".join(lines)
 
 
 def training_accuracy(workdir: Path) -> dict[int, float]:
