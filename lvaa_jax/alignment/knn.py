@@ -31,22 +31,19 @@ QUANTA_PER_UNIT = 1_000_000  # similarities are rounded to multiples of 1e-6
 AXIS = "data"
 
 
-def default_block_size(n: int, d: int, num_devices: int, platform: str) -> int:
+def default_block_size(n: int, num_devices: int, platform: str) -> int:
     """Side of the square similarity tiles: ``block`` x ``block`` float32 per step.
 
-    Larger tiles waste more matmul on the diagonal tiles (about block / 4N of it), and on CPU each row of
-    each tile costs two top-k calls of about 1 us on one thread, so the best tile depends on D. Measured on
-    this project's 2-core machine: at D = 384, where the top-k is a large share, tiles of N / 5 rows up to
-    8 192; at D = 4 096, where the matmul is nearly all of it, N / 10 rows between 1 024 and 2 048 (at
-    10 000 rows, 1 000-row tiles took 3% less CPU time than 2 000-row ones, and 8% less before diagonal
-    tiles were split). Accelerators want large tiles for their matmul units. With several
-    devices there are at least 2 blocks per device, so the tiles, which devices share out, number at least
-    ~2 per device. A multiple of 8, splitting N into equal blocks.
+    Larger tiles waste more matmul on the diagonal tiles (about block / 4N of it) and, on CPU, no longer
+    fit the cache that the selection's passes over a tile read from. Measured on this project's 2-core
+    machine (one core, N = 10 000 and 20 000): at D = 384, tiles of 1 000 rows took 0.55-0.60 CPU s
+    against 0.67 for 2 000 rows and 0.87 for 5 000 at N = 10 000, and 640-2 000 rows were within 3% at
+    N = 20 000; at D = 4 096, 512-2 000 rows were within 4%. So about 1 024 rows whatever D and N.
+    Accelerators want large tiles for their matmul units. With several devices there are at least 2
+    blocks per device, so the tiles, which devices share out, number at least ~2 per device. A multiple
+    of 8, splitting N into equal blocks.
     """
-    if platform == "cpu":
-        block = min(8192, max(1024, -(-n // 5))) if d < 1024 else min(2048, max(1024, -(-n // 10)))
-    else:
-        block = 8192
+    block = 1024 if platform == "cpu" else 8192
     blocks = max(-(-n // block), min(2 * num_devices, -(-n // 8)) if num_devices > 1 else 1)
     return -(-n // (8 * blocks)) * 8
 
@@ -78,7 +75,7 @@ def nearest_neighbours(x, k: int, *, block_size: int | None = None, devices: Seq
     k = check_k(k, n)
     devices = tuple(jax.devices() if devices is None else devices)
     if block_size is None:
-        block_size = default_block_size(n, x.shape[1], len(devices), devices[0].platform)
+        block_size = default_block_size(n, len(devices), devices[0].platform)
     elif isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
         raise LvaaError(f"block_size={block_size!r}: must be a positive integer")
     values, ids = _knn(x, k=k, block=int(block_size), mesh=data_mesh(devices))
