@@ -6,8 +6,8 @@ permutation null, the bootstrap and the k sweep read the same ``[N, K]`` arrays.
 
 Ties. Identical instruction vectors are common here (bag-of-words spaces, input-embedding layers), and
 float summation order would then decide their order. Similarities are therefore rounded to multiples of
-1e-6 before top-k (float32 noise is ~1e-7, so copies tie again), and equal values go to the lower index
-(``lax.top_k``'s documented tie rule within a tile, and the same rule wherever lists merge): identical rows
+1e-6 before the selection (float32 noise is ~1e-7, so copies tie again), and equal values go to the lower
+index (the selection's integer keys encode that order, and lists merge in it): identical rows
 get the same neighbours whatever the device, tile size or backend, unless float noise straddles a rounding
 boundary (odds of about noise / 1e-6 per tie). The order is total, so the top-k' for any k' < K is the
 first k' columns of the top-K: the whole k sweep needs one neighbour search.
@@ -184,7 +184,7 @@ def _knn(x: jax.Array, *, k: int, block: int, mesh: Mesh) -> tuple[jax.Array, ja
     # row-by-row search. Devices take equal shares of the tiles, keep a running top-k of every row, and
     # their lists are merged at the end. Tiles run in row-major order, so each block is offered candidates
     # in increasing column order (blocks c < b from tiles (c, b), then b, b + 1, ... from tiles (b, .)) and
-    # a device merges lists cheaply (``_offer``). A diagonal tile is symmetric too, so it is computed
+    # a device merges lists in the selection itself (``_offer``). A diagonal tile is symmetric too, so it is computed
     # as three half tiles (its upper-left, upper-right and lower-right quarters, which keeps that order):
     # the matmul wasted on diagonal tiles is then a quarter tile, not half. Rows are padded to a whole
     # number of blocks. The diagonal and the padded columns are set to -inf in the tiles that hold them,
