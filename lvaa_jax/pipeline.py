@@ -76,13 +76,15 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: Path, progress: bool
 def _align(config: ml_collections.ConfigDict, workdir: Path, tables: dict, evaluation: dict, record: dict) -> None:
     """The alignment stage, unless ``alignment/`` was written from these tables and settings."""
     from lvaa_jax.alignment import align_tables
+    from lvaa_jax.alignment.training_curve import alignment_over_training
 
     out = workdir / "alignment"
     inputs = on_process_zero(lambda: _alignment_inputs(config, workdir), "the alignment's inputs")
     if on_process_zero(lambda: _written_for(out, inputs), f"{out / 'inputs.json'}"):
         log.info("alignment of these tables is up to date in %s", out)
         return
-    sections = on_process_zero(lambda: _report_sections(config, workdir, evaluation, record), "the report's sections")
+    sections = on_process_zero(lambda: {**alignment_over_training(workdir, config.align, out, tables),
+                                        **_report_sections(config, workdir, evaluation, record)}, "the report's sections")
     align_tables(tables, config.align, out, sections)
     on_process_zero(lambda: write_json(out / "inputs.json", inputs), f"{out / 'inputs.json'}")
 
@@ -117,7 +119,9 @@ def headline(report_dir: Path, space: str = "action") -> str:
 
 def _alignment_inputs(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     tables = sorted((workdir / "embeddings").glob("*.npz"))
+    snapshots = sorted((workdir / "snapshots").glob("*.npz"))
     return {"tables": {p.stem: sha256_file(p) for p in tables}, "align": json.loads(config.align.to_json()),
+            "snapshots": {p.stem: sha256_file(p) for p in snapshots},
             "eval": sorted(p.name for p in (workdir / "eval").glob("step_*.json"))}
 
 

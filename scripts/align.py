@@ -24,7 +24,8 @@ DISTRIBUTED = cli.DistributedFlags()
 def main(argv):
     DISTRIBUTED.initialize()
     from lvaa_jax.alignment import align_folder
-    from lvaa_jax.distributed import is_primary
+    from lvaa_jax.alignment.training_curve import alignment_over_training
+    from lvaa_jax.distributed import is_primary, on_process_zero
     from lvaa_jax.runlock import hold_run_folder
 
     config, workdir = cli.resolve(CONFIG, WORKDIR)
@@ -34,7 +35,10 @@ def main(argv):
     # Writing into the run folder: hold it, as every stage does (an --out elsewhere leaves it free).
     writes_workdir = out.resolve().is_relative_to(workdir.resolve())
     with hold_run_folder(workdir) if writes_workdir else contextlib.nullcontext():
-        summary = align_folder(EMBEDDINGS.value or workdir / "embeddings", config.align, out)
+        # Reading the run folder's own tables, also score its snapshots of training (if it has any).
+        sections = {} if EMBEDDINGS.value else on_process_zero(
+            lambda: alignment_over_training(workdir, config.align, out), "the alignment over training")
+        summary = align_folder(EMBEDDINGS.value or workdir / "embeddings", config.align, out, sections)
     if not is_primary():
         return
     print(f"N = {summary['n']} instructions, k = {summary['k']}, chance {summary['chance']:.4f}")

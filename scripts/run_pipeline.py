@@ -13,6 +13,7 @@ DISTRIBUTED = cli.DistributedFlags()
 
 def main(argv):
     DISTRIBUTED.initialize()
+    from lvaa_jax.alignment.training_curve import console_table
     from lvaa_jax.distributed import is_primary
     from lvaa_jax.pipeline import headline, run_pipeline
 
@@ -20,6 +21,9 @@ def main(argv):
     report = run_pipeline(config, workdir)
     if is_primary():
         print(f"\nreport: {report}\n{headline(report.parent)}")
+        curve = console_table(report.parent)
+        if curve:
+            print(f"\n{curve}")
 
 
 if __name__ == "__main__":
