@@ -10,6 +10,11 @@ Order of work, each step reusing the previous one's arrays:
 4. Bootstrap intervals from per-instruction overlaps; the k sweep; at the last layers, the Platonic
    Representation Hypothesis kNN metrics from the same lists (with their nulls), and Procrustes, CKA, RSA
    and SVCCA.
+5. The language-model baseline (``baseline.py``) from the last- and best-layer scores and the same
+   bootstrap draws; each space's kind (from its table's metadata) and mean pairwise cosine.
+
+``align.center`` subtracts each space's mean vector (per layer) before step 1, so every cosine sees centred
+spaces.
 """
 
 from __future__ import annotations
