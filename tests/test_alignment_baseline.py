@@ -225,3 +225,15 @@ def test_the_stage_writes_the_baseline(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert report.index("## Headline") < report.index("## Language-model baseline") < report.index("### Precision")
     assert summary["baseline"][0]["sentence"] in report
+
+
+def test_a_row_at_the_mean_is_refused_once_centred(tmp_path):
+    x = np.asarray([[3, 0], [0, 3], [1, 1], [2, 2], [1, 2]], np.float32)  # the mean row is [1.4, 1.6]: none
+    x[2] = x.mean(0) * 5 / 4 - x[2] / 4  # now row 2 is the mean of all five
+    instructions = tuple(f"open the door {i}" for i in range(5))
+    tables = {"a": EmbeddingTable(x, instructions, {}), "b": EmbeddingTable(x[::-1].copy(), instructions, {})}
+    config = get_config("tiny").align
+    config.k, config.k_sweep, config.center = 2, (1,), True
+    with pytest.raises(LvaaError, match=r"^a after centring \(config.align.center\): 1 zero-norm row\(s\), the first "
+                                        "is row 2;"):
+        align_tables(tables, config, tmp_path)

@@ -104,6 +104,14 @@ class Settings:
             seed=config.seed,
         )
 
+    def prepare(self, x, label: str) -> jax.Array:
+        """A space as every score sees it, checked (``check_space``, naming ``label``): centred (``center``),
+        then clamped (``clamp_outliers``)."""
+        x = check_space(x, label)
+        if self.center:
+            x = check_space(centre(x), f"{label} after centring (config.align.center)")
+        return clamp_outliers(x) if self.clamp_outliers else x
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerPairs:
@@ -171,10 +179,7 @@ def align_tables(tables: Mapping[str, EmbeddingTable], config: ml_collections.Co
         last = layer % tables[name].num_layers == tables[name].num_layers - 1
         if not last and x.ndim == 2 and len(x) > 1 and _constant(x):
             return None, label  # a constant layer before the last: left out (``skipped``)
-        x = check_space(x, label)
-        if s.center:
-            x = check_space(centre(x), f"{label} after centring (config.align.center)")
-        return (clamp_outliers(x) if s.clamp_outliers else x), label
+        return s.prepare(x, label), label
 
     # One search per (space, layer), one neighbour past the largest k so that ties at the k-th are visible.
     big_k = max(s.k, *s.sweep)
