@@ -62,6 +62,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.train.log_every = 50
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 2
+    # The action space at step 0, every this many steps and at the end (alignment over training; 0: off).
+    # A tenth of train.steps, following it (also in variants and overrides) unless set itself: an 11-point
+    # curve whatever the length of training (checkpoints, every 500 steps, would give 7 here).
+    c.train.snapshot_every = c.train.get_ref("steps") // 10
     c.train.eval_every = 0  # 0: evaluate at the end only
 
     c.eval = ml_collections.ConfigDict()
@@ -107,6 +111,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.train.warmup_steps = 5
         c.train.log_every = 5
         c.train.checkpoint_every = 10
+        c.train.snapshot_every = 10
         c.eval.episodes_per_level = 4
         c.embed.models = ml_collections.ConfigDict()
         c.align.permutations = 20

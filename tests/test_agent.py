@@ -14,9 +14,11 @@ from flax.training.train_state import TrainState
 from jax.sharding import NamedSharding, PartitionSpec
 from tiny_runs import tiny_config
 
+from configs.default import get_config
 from lvaa_jax.agent import Agent, evaluate, instruction_embedding, make_mesh, make_train_step, restore_agent
 from lvaa_jax.agent.evaluate import _observe_and_act
 from lvaa_jax.agent.model import LayerNorm, ObservationEncoder, normalize
+from lvaa_jax.agent.snapshots import SnapshotRecorder, load_snapshots, snapshot_path
 from lvaa_jax.agent.train import (
     build_agent,
     create_state,
@@ -26,6 +28,7 @@ from lvaa_jax.agent.train import (
     train_and_evaluate,
 )
 from lvaa_jax.babyai import WindowBatches
+from lvaa_jax.embeddings import instruction_set
 from lvaa_jax.errors import LvaaError
 
 
@@ -194,11 +197,12 @@ def test_sharded_step_matches_single_device(run):
 
 
 def test_resume_after_a_kill_is_exact(run, tmp_path, monkeypatch):
-    """Killed at step 17 (last checkpoint at 10, evaluations at 5, 10, 15), then run again: the same
-    parameters as an uninterrupted run, and every metrics and evaluation row once."""
+    """Killed at step 17 (last checkpoint at 10, evaluations and snapshots at 5, 10, 15), then run again: the
+    same parameters as an uninterrupted run, every metrics and evaluation row once, and the snapshots of the
+    uninterrupted run (which records every 10 steps: recording more often does not change training)."""
     _, workdir, _, _ = run
     straight = restore_agent(workdir)
-    config = tiny_config(eval_every=5)  # evaluating does not touch the parameters
+    config = tiny_config(eval_every=5, snapshot_every=5)  # evaluating, recording do not touch the parameters
     (tmp_path / "demos").symlink_to(workdir / "demos")
     real_next = WindowBatches.__next__
 
@@ -213,6 +217,7 @@ def test_resume_after_a_kill_is_exact(run, tmp_path, monkeypatch):
     monkeypatch.setattr(WindowBatches, "__next__", real_next)
     assert restore_agent(tmp_path).step == 10
     assert (tmp_path / "eval" / "step_00000015.json").exists()
+    assert list(load_snapshots(tmp_path)) == [0, 5, 10, 15]  # 15: past the checkpoint, written again on resume
     train_and_evaluate(config, tmp_path, progress=False)
     resumed = restore_agent(tmp_path)
     assert resumed.step == straight.step == config.train.steps
@@ -221,6 +226,11 @@ def test_resume_after_a_kill_is_exact(run, tmp_path, monkeypatch):
     assert [int(r.split(",")[0]) for r in rows] == [5, 10, 15, 20]  # nothing logged twice
     rows = (tmp_path / "eval" / "eval.csv").read_text().splitlines()[1:]
     assert [r.split(",")[:2] for r in rows] == [[str(s), *config.data.levels] for s in (5, 10, 15, 20)]
+    resumed_snapshots, straight_snapshots = load_snapshots(tmp_path), load_snapshots(workdir)
+    assert sorted(p.name for p in (tmp_path / "snapshots").iterdir()) == [  # one file a step, no temporaries
+        f"action_step_{s:08d}.npz" for s in (0, 5, 10, 15, 20)]
+    for step in straight_snapshots:
+        np.testing.assert_array_equal(resumed_snapshots[step].embeddings, straight_snapshots[step].embeddings)
 
 
 def test_checkpoint_of_another_config_is_refused(run, tmp_path):
@@ -319,3 +329,67 @@ def test_closed_loop_step_equals_the_training_forward(run):
             model, params, memory, z, np.array([0]), np.array([t]), batch["image"][:, t], batch["direction"][:, t]
         )
         assert int(action[0]) == expected[t]
+
+
+def test_snapshots_of_the_action_space_at_step_0_every_snapshot_step_and_the_last(run):
+    config, workdir, _, _ = run
+    assert config.train.snapshot_every == config.train.checkpoint_every == 10
+    snapshots = load_snapshots(workdir)
+    assert list(snapshots) == [0, 10, 20]
+    instructions = instruction_set(config, workdir)
+    for step, table in snapshots.items():
+        assert table.meta["step"] == step and table.instructions == tuple(instructions)
+    # What the embedding stage computes for `untrained_agent` and `action`, bit for bit.
+    np.testing.assert_array_equal(snapshots[0].embeddings, restore_agent(workdir, trained=False).embed(instructions))
+    np.testing.assert_array_equal(snapshots[20].embeddings, restore_agent(workdir).embed(instructions))
+    assert not np.array_equal(snapshots[10].embeddings, snapshots[20].embeddings)
+
+
+def test_snapshots_follow_the_length_of_training():
+    config = get_config()
+    assert config.train.snapshot_every == config.train.steps // 10 == 300  # 11 points, steps 0 to 3000
+    config.train.steps = 20000
+    assert config.train.snapshot_every == 2000
+
+
+def test_a_damaged_snapshot_is_a_one_line_error_naming_it(run, tmp_path):
+    (tmp_path / "snapshots").mkdir()
+    for step in (0, 10):
+        (tmp_path / "snapshots" / f"action_step_{step:08d}.npz").symlink_to(snapshot_path(run[1], step))
+    (tmp_path / "snapshots" / "action_step_00000020.npz").write_bytes(snapshot_path(run[1], 20).read_bytes()[:100])
+    with pytest.raises(LvaaError, match=r"action_step_00000020.npz: not an embedding table .*; delete this snapshot "
+                                        r"to score the others \(the curve then lacks step 20\)$"):
+        load_snapshots(tmp_path)
+
+
+def test_a_run_killed_between_checkpoint_and_snapshot_ends_with_the_same_snapshots(run, tmp_path, monkeypatch):
+    config, workdir, _, _ = run
+    (tmp_path / "demos").symlink_to(workdir / "demos")
+    real_record = SnapshotRecorder.record_if_due
+
+    def killed_at_10(self, step, params):
+        if step == 10:  # the checkpoint at 10 is saved, its snapshot not yet
+            raise KeyboardInterrupt
+        real_record(self, step, params)
+
+    monkeypatch.setattr(SnapshotRecorder, "record_if_due", killed_at_10)
+    with pytest.raises(KeyboardInterrupt):
+        train_and_evaluate(config, tmp_path, progress=False)
+    assert list(load_snapshots(tmp_path)) == [0]
+    monkeypatch.setattr(SnapshotRecorder, "record_if_due", real_record)
+    train_and_evaluate(config, tmp_path, progress=False)
+    straight, resumed = load_snapshots(workdir), load_snapshots(tmp_path)
+    assert list(resumed) == list(straight) == [0, 10, 20]
+    for step in straight:
+        np.testing.assert_array_equal(resumed[step].embeddings, straight[step].embeddings)
+
+
+def test_snapshot_every_must_be_a_non_negative_integer(run, tmp_path):
+    (tmp_path / "demos").symlink_to(run[1] / "demos")
+    with pytest.raises(LvaaError, match=r"config.train.snapshot_every=-1: must be an integer >= 0"):
+        train_and_evaluate(tiny_config(snapshot_every=-1), tmp_path, progress=False)
+    assert not (tmp_path / "checkpoints").exists()  # the corrected command can still use this folder
+    config = tiny_config()
+    del config.train["snapshot_every"]  # a config written before snapshots existed
+    with pytest.raises(LvaaError, match=r"config.train.snapshot_every=None: must be an integer >= 0"):
+        train_and_evaluate(config, tmp_path, progress=False)

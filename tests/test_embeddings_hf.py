@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-from tiny_models import WORDS, build, tiny_decoder, word_tokenizer  # noqa: E402
+from tiny_models import WORDS, bert_tokenizer, build, tiny_decoder, word_tokenizer  # noqa: E402
 
 from lvaa_jax.embeddings import fetch, hf, pooling, sources, torch_models  # noqa: E402
 from lvaa_jax.errors import LvaaError  # noqa: E402
@@ -37,11 +37,6 @@ def private_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg")))
         yield
-
-
-def bert_tokenizer():
-    specials = dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
-    return word_tokenizer(specials, "[CLS] $A [SEP]")
 
 
 @pytest.fixture(scope="module")

@@ -216,7 +216,7 @@ OUT_OF_BOUNDS = [
     ("train.learning_rate", -1.0), ("train.learning_rate", 0.0), ("train.learning_rate", float("nan")),
     ("train.learning_rate", float("inf")), ("train.warmup_steps", -1), ("train.weight_decay", -1e-4),
     ("train.grad_clip", 0.0), ("train.log_every", 0), ("train.checkpoint_every", 0),
-    ("train.keep_checkpoints", 0), ("train.eval_every", -1),
+    ("train.keep_checkpoints", 0), ("train.eval_every", -1), ("train.snapshot_every", -1),
     ("eval.episodes_per_level", 0), ("eval.max_steps", -1),
     ("embed.batch_size", 0), ("embed.random_dim", -1),
 ]

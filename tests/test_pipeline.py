@@ -12,6 +12,8 @@ from script_runs import run_script, user_error
 
 from configs.default import get_config
 from lvaa_jax.agent import restore_agent
+from lvaa_jax.agent.snapshots import load_snapshots
+from lvaa_jax.alignment.training_curve import HEADING, console_table
 from lvaa_jax.embeddings import embed_instructions, load_table
 from lvaa_jax.errors import LvaaError
 from lvaa_jax.pipeline import STAGES, headline, run_pipeline
@@ -70,6 +72,41 @@ def test_every_artifact_exists_and_is_well_formed(study):
     assert set(json.loads((workdir / "pipeline.json").read_text())["runs"][0]["seconds"]) == set(STAGES)
 
 
+def test_alignment_over_training_ends_on_the_headline(study):
+    config, workdir, report = study
+    snapshots = load_snapshots(workdir)
+    assert list(snapshots) == [0, 10, 20]
+    tables = {name: load_table(workdir / "embeddings" / f"{name}.npz") for name in ("untrained_agent", "action")}
+    np.testing.assert_array_equal(snapshots[0].embeddings, tables["untrained_agent"].embeddings)
+    np.testing.assert_array_equal(snapshots[20].embeddings, tables["action"].embeddings)
+    text = report.read_text()
+    assert f"## {HEADING}" in text and "| step | train accuracy | success | untrained_agent |" in text
+    assert (workdir / "alignment" / "training_curve.png").stat().st_size > 0
+    with open(workdir / "alignment" / "training_curve.csv") as f:
+        curve = [r for r in csv.DictReader(f) if r["step"] == "20"]
+    with open(workdir / "alignment" / "headline.csv") as f:
+        headline = {r["b"]: r for r in csv.DictReader(f) if r["a"] == "action"}
+    assert [r["space"] for r in curve] == sorted(headline, key=list(headline).index) == [
+        "untrained_agent", "bag_of_words", "random", "tiny_gpt2"]
+    for r in curve:  # the last snapshot is the action table: same neighbours, same permutations
+        for key in ("precision", "null_mean", "p_value"):
+            assert float(r[key]) == pytest.approx(float(headline[r["space"]][f"{key}_last"]), abs=1e-9)
+    table = console_table(workdir / "alignment").splitlines()  # what scripts/run_pipeline.py prints
+    assert table[1].split() == ["step", "0", "10", "20"] and len(table) == 2 + 4
+    assert table[-1].split()[0] == "tiny_gpt2" and float(table[-1].split()[-1]) == pytest.approx(
+        float(curve[-1]["precision"]), abs=5e-4)
+    assert console_table(workdir) == ""  # no curve there
+
+
+def test_align_script_scores_the_snapshots_of_its_run_folder(study, tmp_path):
+    _, workdir, _ = study
+    result = run_script("align.py", "--config=configs/default.py:tiny", f"--workdir={workdir}", f"--out={tmp_path}",
+                        "--config.align.permutations=5", "--config.align.bootstrap=5")
+    assert result.returncode == 0, result.stderr
+    assert f"## {HEADING}" in (tmp_path / "report.md").read_text()
+    assert len((tmp_path / "training_curve.csv").read_text().splitlines()) == 1 + 3 * 4
+
+
 def test_rerun_skips_every_stage(study):
     config, workdir, report = study
     before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file() and "logs" not in p.parts}
@@ -84,9 +121,9 @@ def comparable(workdir: Path) -> dict[str, object]:
     """Every artifact of a run folder as it must repeat, bit for bit, in a second run of the same config and
     seed on the same machine. Taken out, because they record when, where or how fast the run went: logs/,
     pipeline.json, tensorboard event files (wall times, host name), train.csv's steps_per_s, every "date"
-    and "*_seconds" in metadata, the run folder's own path, the report's run-metadata section, and the tables' sha256 in
-    alignment/inputs.json (an .npz is a zip whose entries carry their write time, so tables are compared
-    by content). Orbax names checkpoint data files at random and stamps them: checkpoints are compared by
+    and "*_seconds" in metadata, the run folder's own path, the report's run-metadata section, and the
+    tables' and snapshots' sha256 in alignment/inputs.json (an .npz is a zip whose entries carry their write
+    time, so tables are compared by content). Orbax names checkpoint data files at random and stamps them: checkpoints are compared by
     their data item and, in the test, by the restored parameters."""
 
     def undated(obj):
@@ -109,7 +146,7 @@ def comparable(workdir: Path) -> dict[str, object]:
         if path.suffix == ".json":
             out[name] = undated(json.loads(data))
             if name == "alignment/inputs.json":
-                out[name].pop("tables")
+                out[name].pop("tables"), out[name].pop("snapshots")
         elif name == "metrics/train.csv":
             rows = list(csv.DictReader(data.decode().splitlines()))
             out[name] = [{k: v for k, v in row.items() if k != "steps_per_s"} for row in rows]

@@ -20,12 +20,18 @@ The policy sees the instruction only through ``z``: whatever it must know to act
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from minigrid.core.constants import COLOR_TO_IDX, OBJECT_TO_IDX, STATE_TO_IDX
+
+if TYPE_CHECKING:
+    from lvaa_jax.babyai import Tokenizer
 
 NUM_ACTIONS = 7
 GRID = 7
@@ -303,3 +309,17 @@ def instruction_embedding(
     vector ``z``), or [len(layers), B, width] for the given layer indices (0 = input embeddings)."""
     pooled = model.apply({"params": params}, token_ids, mask, method=Agent.embed_instruction)
     return pooled[-1] if layers is None else pooled[jnp.asarray(layers)]
+
+
+def embed_instructions(model: Agent, params, tokenizer: Tokenizer, instructions: Sequence[str],
+                       all_layers: bool = True) -> np.ndarray:
+    """float32 [layers, N, width] (or [N, width]): the instruction pathway's pooled embeddings of ``instructions``.
+
+    The parameters are copied to the host first, so the computation runs on one device wherever they live
+    (replicated over a training mesh, or restored from a checkpoint): the same parameters give the same
+    table bit for bit, which is how a snapshot of training equals the ``action`` table of its checkpoint.
+    """
+    tokens, mask = tokenizer.encode_batch(instructions, model.max_instruction_length)
+    layers = tuple(range(model.instruction_layers + 1)) if all_layers else None
+    pooled = instruction_embedding(jax.device_get(params), tokens, mask, model=model, layers=layers)
+    return np.asarray(pooled, np.float32)

@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 
 from lvaa_jax.agent.checkpoint import open_manager, restore_newest, saved_config
-from lvaa_jax.agent.model import Agent, instruction_embedding
+from lvaa_jax.agent.model import Agent, embed_instructions
 from lvaa_jax.agent.train import create_state, make_mesh
 from lvaa_jax.babyai import Tokenizer, load_demos
 from lvaa_jax.errors import LvaaError
@@ -26,9 +26,7 @@ class RestoredAgent:
 
     def embed(self, instructions: list[str], all_layers: bool = True) -> np.ndarray:
         """float32 [layers, N, width] (or [N, width]): the instruction pathway's pooled embeddings."""
-        tokens, mask = self.tokenizer.encode_batch(instructions, self.model.max_instruction_length)
-        layers = tuple(range(self.model.instruction_layers + 1)) if all_layers else None
-        return np.asarray(instruction_embedding(self.params, tokens, mask, model=self.model, layers=layers), np.float32)
+        return embed_instructions(self.model, self.params, self.tokenizer, instructions, all_layers)
 
 
 def restore_agent(workdir: str | Path, step: int | None = None, trained: bool = True) -> RestoredAgent:

@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from lvaa_jax.agent.checkpoint import Checkpoints, check_compatible, damage
 from lvaa_jax.agent.evaluate import drop_evaluations_after, evaluate, write_evaluation
 from lvaa_jax.agent.model import POOLINGS, Agent
+from lvaa_jax.agent.snapshots import SnapshotRecorder
 from lvaa_jax.babyai import DemoDataset, WindowBatches, load_demos
 from lvaa_jax.babyai.generate import check_demos_match
 from lvaa_jax.config_checks import (
@@ -66,7 +67,7 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
     check_section(config, "train", steps=POSITIVE_INT, batch_size=POSITIVE_INT, windows_per_row=POSITIVE_INT,
                   learning_rate=POSITIVE, warmup_steps=NON_NEGATIVE_INT, weight_decay=NON_NEGATIVE,
                   grad_clip=POSITIVE, log_every=POSITIVE_INT, checkpoint_every=POSITIVE_INT,
-                  keep_checkpoints=POSITIVE_INT, eval_every=NON_NEGATIVE_INT)
+                  keep_checkpoints=POSITIVE_INT, eval_every=NON_NEGATIVE_INT, snapshot_every=NON_NEGATIVE_INT)
     check_section(config, "eval", episodes_per_level=POSITIVE_INT, max_steps=NON_NEGATIVE_INT)
 
 
@@ -179,12 +180,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, progre
     if train.batch_size % mesh.size:
         raise LvaaError(f"config.train.batch_size={train.batch_size} must be a multiple of the {mesh.size} devices")
     model = build_agent(config, dataset)
+    snapshots = SnapshotRecorder(config, workdir, model, dataset.tokenizer)  # reads the instruction set before work
     batches = WindowBatches(dataset, train.batch_size, model.context, config.seed, train.windows_per_row)
     log.info("%d windows in %d rows of %d steps per epoch: %.0f%% real steps, %d batches", len(batches.window_length),
              batches.rows_per_epoch, model.context, 100 * batches.fill, batches.batches_per_epoch)
     checkpoints = Checkpoints(workdir / "checkpoints", config, train.keep_checkpoints)
     state = checkpoints.restore_latest(create_state(model, config, mesh), batches)
     start = int(state.step)
+    snapshots.record_if_due(start, state.params)  # step 0, or the step a resumed run starts from
     train_step = make_train_step(model, mesh, config.seed)
     metrics_dir = workdir / "metrics"
     metrics_dir.mkdir(parents=True, exist_ok=True)
@@ -211,6 +214,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, progre
                     pending, tick = [], time.perf_counter()
                 if step % train.checkpoint_every == 0 or step == train.steps:
                     checkpoints.save(step, state, batches)
+                snapshots.record_if_due(step, state.params)
                 if train.eval_every and step % train.eval_every == 0 and step != train.steps:
                     write_evaluation(workdir, step, evaluate_agent(config, model, state.params, dataset, progress))
                 bar.update()

@@ -2,9 +2,9 @@
 
 The language-model side is imported only where a model space is embedded, so that this package (and
 everything that reads tables) imports without torch or transformers: ``spec`` (a model space as a config
-names it), ``sources`` (where its weights are, and the cache), ``torch_models`` (how it runs),
-``pooling`` (how token states become one vector) and ``hf`` (tokenizers, batching, a space's identity,
-``embed_with_model``).
+names it), ``sources`` (where its weights are, and the cache), ``jax_models`` on ``flax_models`` or
+``torch_models`` (how it runs: the two backends), ``pooling`` (how token states become one vector) and
+``hf`` (tokenizers, batching, the choice of backend, a space's identity, ``embed_with_model``).
 """
 
 from lvaa_jax.embeddings.controls import bag_of_words, check_instructions, random_gaussian

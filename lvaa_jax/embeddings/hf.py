@@ -1,10 +1,11 @@
 """Language and vision-language spaces: instructions embedded by Hugging Face models.
 
 A space is one model read out one way (``spec.ModelSpec``): its ``kind`` (decoder LM, BERT-style encoder, CLIP
-or BLIP text tower), a ``pooling`` of the token states and the ``layers`` kept. Three concerns, three places:
-where the weights are (``sources``), how a model runs (``torch_models``), and how token states become one
-vector (``pooling``). This module joins them: tokenizers, batching, a space's identity and
-``embed_with_model``. It imports transformers (for tokenizers), never torch.
+or BLIP text tower), a ``pooling`` of the token states, the ``layers`` kept and the ``backend`` that runs it.
+Three concerns, three places: where the weights are (``sources``), how a model runs (``jax_models`` on the
+Flax modules of ``flax_models``, or ``torch_models``), and how token states become one vector (``pooling``).
+This module joins them: tokenizers, batching, the choice of backend, a space's identity and
+``embed_with_model``. It imports transformers (for tokenizers and configs), never torch.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ try:
 except ImportError as e:
     raise LvaaError(f"lvaa_jax.embeddings.hf needs {e.name}: install the hf extra: pip install -e .[hf]") from None
 
-__all__ = ["ModelSpec", "embed_with_model", "load_tokenizer", "meta_matches", "space_meta"]
+__all__ = ["ModelSpec", "backend_of", "embed_with_model", "load_tokenizer", "meta_matches", "space_meta"]
 
 LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError)
+BACKEND_PACKAGES = {"jax": ("jax", "jaxlib"), "torch": ("torch",)}  # their versions go into a table's meta
 
 
 def first_line(error: BaseException) -> str:
@@ -67,33 +69,64 @@ def tokenize(tokenizer: Any, texts: list[str], tensors: str) -> Any:
     return tokenizer(texts, padding=True, padding_side="right", return_tensors=tensors)
 
 
-def encode_in_batches(encode_batch: Callable[[list[str]], np.ndarray], spec: ModelSpec,
-                      instructions: Sequence[str], batch_size: int, progress: bool) -> np.ndarray:
-    """``encode_batch`` over batches of similar length (less padding; the same result, since padding changes
-    nothing), with a progress bar, back in the instructions' order: float32 [..., N, D]."""
-    items = check_instructions(instructions, spec.where)
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
+    """The instructions' indices in batches of similar length, shortest first: less padding, and the same
+    result, since padding changes nothing. A smaller batch, if any, is the first: it holds the shortest
+    instructions, so filling it up to full rows (the JAX backend, one compiled shape) pads the fewest tokens."""
     if batch_size < 1:
         raise LvaaError(f"embed.batch_size: must be at least 1, got {batch_size}")
-    order = np.argsort([len(t) for t in items], kind="stable")
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    order = np.argsort(lengths, kind="stable")
+    return np.split(order, range(len(order) % batch_size or batch_size, len(order), batch_size))
+
+
+def encode_in_batches(encode_batch: Callable[[list[str]], np.ndarray], spec: ModelSpec,
+                      instructions: Sequence[str], batch_size: int, progress: bool,
+                      lengths: Sequence[int] | None = None) -> np.ndarray:
+    """``encode_batch`` over ``length_batches`` (by ``lengths``, default the characters), with a progress bar,
+    back in the instructions' order: float32 [..., N, D]."""
+    items = check_instructions(instructions, spec.where)
+    batches = length_batches([len(t) for t in items] if lengths is None else lengths, batch_size)
     label = spec.name or spec.source
     chunks = [encode_batch([spec.prefix + items[j] for j in b])
               for b in progress_bar(batches, desc=f"embed {label}", unit="batch", disable=not progress)]
     pooled = np.concatenate(chunks, axis=-2)
     embeddings = np.empty_like(pooled)
-    embeddings[..., order, :] = pooled
+    embeddings[..., np.concatenate(batches), :] = pooled
     return embeddings
 
 
-def space_meta(spec: Any) -> dict[str, Any]:
+def installed_version(package: str) -> str:
+    """The package's version, "" where it is not installed (a torch space then fails when it runs, saying so)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def backend_of(spec: ModelSpec, located: sources.Located) -> str:
+    """The backend that runs a space: the spec's, or for ``auto`` jax where it implements the model (read from
+    its config, no weights), else torch; "auto" while a hub model is not downloaded yet."""
+    if spec.backend != "auto":
+        return spec.backend
+    if located.folder is None:
+        return "auto"
+    from lvaa_jax.embeddings import jax_models
+
+    return "torch" if jax_models.unsupported(spec, located) else "jax"
+
+
+def space_meta(spec: Any, backend: str = "") -> dict[str, Any]:
     """What identifies a model space's table, computed without loading the model (file hashes are cached).
 
     A stage can skip a space whose saved table agrees on all of it (see ``meta_matches``). A hub id that is
     not yet in the local cache has no path or hashes: it never matches, so it is embedded (and downloaded).
+    The backend (``backend``: the one that ran, else ``backend_of``) and its framework's versions are part of
+    it: a space whose backend changes is embedded again.
     """
     spec = ModelSpec.parse(spec)
     located = sources.locate(spec)
     files = sources.weight_files(located, spec.where) if located.folder else []
+    backend = backend or backend_of(spec, located)
     return {
         "source": spec.source,
         "kind": spec.kind,
@@ -105,9 +138,10 @@ def space_meta(spec: Any) -> dict[str, Any]:
         "resolved_path": str(located.folder or ""),
         "gguf_file": located.gguf_file,
         "weights_sha256": {f.name: sources.file_sha256(f) for f in files},
+        "backend": backend,
         **({"prefix": spec.prefix} if spec.prefix else {}),  # absent when empty: older tables stay valid
         "transformers_version": transformers.__version__,
-        "torch_version": importlib.metadata.version("torch"),
+        **{f"{p}_version": installed_version(p) for p in BACKEND_PACKAGES.get(backend, ())},
     }
 
 
@@ -121,8 +155,16 @@ def embed_with_model(spec: Any, instructions: Sequence[str], *, batch_size: int 
     """One model space's embeddings of the instructions and its table meta (``space_meta`` plus a ``run`` entry)."""
     spec = ModelSpec.parse(spec)
     check_instructions(instructions, spec.where)
-    from lvaa_jax.embeddings import torch_models
-
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    embeddings, run = torch_models.embed(spec, instructions, batch_size=batch_size, device=device, progress=progress)
-    return embeddings, dict(space_meta(spec), run={"date": date, "batch_size": batch_size, **run})
+    located = sources.locate(spec)
+    if located.folder is None and spec.backend != "torch":  # the backend is chosen from the model's files
+        from lvaa_jax.embeddings import jax_models
+
+        located = jax_models.download(spec)
+    backend = backend_of(spec, located)
+    if backend == "jax":
+        from lvaa_jax.embeddings import jax_models as models
+    else:
+        from lvaa_jax.embeddings import torch_models as models
+    embeddings, run = models.embed(spec, instructions, batch_size=batch_size, device=device, progress=progress)
+    return embeddings, dict(space_meta(spec, backend), run={"date": date, "batch_size": batch_size, **run})

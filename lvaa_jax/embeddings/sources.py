@@ -407,8 +407,13 @@ def weight_files(located: Located, where: str) -> list[Path]:
     return files
 
 
+def dequantized_path(located: Located) -> Path:
+    """Where the cache keeps a GGUF model as plain safetensors (with its tokenizer): keyed by the GGUF's sha256,
+    so both backends share it."""
+    return cache_dir() / "dequantized" / file_sha256(located.folder / located.gguf_file)
+
+
 def dequantized_folder(located: Located, make: Callable[[Path], None]) -> Path:
-    """The cache folder of a GGUF model as plain safetensors (with its tokenizer), keyed by the GGUF's sha256;
-    ``make(folder)`` writes it the first time (de-quantising takes a minute, loading the copy seconds)."""
-    target = cache_dir() / "dequantized" / file_sha256(located.folder / located.gguf_file)
-    return cached_folder(target, make)
+    """``dequantized_path``, written by ``make(folder)`` the first time (de-quantising takes a minute, loading
+    the copy seconds)."""
+    return cached_folder(dequantized_path(located), make)

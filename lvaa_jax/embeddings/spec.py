@@ -21,6 +21,9 @@ KINDS: dict[str, tuple[str, ...]] = {
 }
 LAYERS = ("last", "all")  # all: the input embeddings and every layer's output, [layers + 1, N, D]
 DTYPES = ("float32", "bfloat16", "float16")
+# auto: jax where lvaa_jax.embeddings.flax_models implements the model's architecture (and its weights are
+# safetensors), torch otherwise; the table's meta records the backend that ran.
+BACKENDS = ("auto", "jax", "torch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +38,7 @@ class ModelSpec:
     revision: str = ""
     dtype: str = "float32"
     prefix: str = ""  # put before every instruction, where a model's card asks for a task prefix
+    backend: str = "auto"
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -49,6 +53,8 @@ class ModelSpec:
             raise LvaaError(f"{where}: unknown layers {self.layers!r}; known: {', '.join(LAYERS)}")
         if self.dtype not in DTYPES:
             raise LvaaError(f"{where}: unknown dtype {self.dtype!r}; known: {', '.join(DTYPES)}")
+        if self.backend not in BACKENDS:
+            raise LvaaError(f"{where}: unknown backend {self.backend!r}; known: {', '.join(BACKENDS)}")
         if self.pooling == "projected" and self.layers != "last":
             raise LvaaError(f"{where}: pooling 'projected' exists at the last layer only: set layers='last', or "
                             "pooling 'eos' or 'mean' to keep every layer")

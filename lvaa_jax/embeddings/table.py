@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,7 @@ def load_table(path: str | os.PathLike) -> EmbeddingTable:
             meta = json.loads(str(data["meta"]))
     except FileNotFoundError:
         raise LvaaError(f"{path}: no such embedding table") from None
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a truncated .npz: BadZipFile
         raise LvaaError(f"{path}: not an embedding table (.npz with embeddings, instructions, meta): {e}") from None
     _check(embeddings, instructions, path)
     return EmbeddingTable(embeddings, tuple(instructions), meta)
@@ -81,7 +82,7 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any] | None:
     try:
         with np.load(path, allow_pickle=False) as data:
             return json.loads(str(data["meta"]))
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
         return None
 
 

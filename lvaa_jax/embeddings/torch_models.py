@@ -24,7 +24,7 @@ try:
     import torch
     import transformers
 except ImportError as e:
-    raise LvaaError(f"the torch backend needs {e.name}: install the hf extra: pip install -e .[hf]") from None
+    raise LvaaError(f"the torch backend needs {e.name}: pip install -e .[hf,torch]") from None
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -138,7 +138,7 @@ def load_model(spec: Any, *, device: str = "auto") -> LoadedModel:
         model = _from_pretrained(transformers.AutoModel, target, spec, dtype=dtype, **kwargs)
     tokenizer = hf.load_tokenizer(target, spec, **kwargs)
     model.to(torch_device)
-    return LoadedModel(spec, model, tokenizer, torch_device, hf.space_meta(spec), time.perf_counter() - start)
+    return LoadedModel(spec, model, tokenizer, torch_device, hf.space_meta(spec, "torch"), time.perf_counter() - start)
 
 
 def _encode_batch(loaded: LoadedModel, texts: list[str], accepts: set[str]) -> np.ndarray:
