@@ -136,12 +136,15 @@ def test_cknna_matches_its_definition(data):
     assert cknna(a, a, K) == pytest.approx(1.0, abs=1e-6)
 
 
-def test_svcca_matches_its_definition_and_is_rotation_invariant():
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct_rows", "duplicate_rows"])
+def test_svcca_matches_its_definition_and_is_rotation_invariant(ties):
     rng = np.random.default_rng(34)
     signal = rng.standard_normal((200, 10)) * np.linspace(3, 1, 10)  # a clear top-10 subspace per space
     a = (signal @ rng.standard_normal((10, 24)) + 0.05 * rng.standard_normal((200, 24))).astype(np.float32)
     b = (np.tanh(signal[:, ::-1]) @ rng.standard_normal((10, 40))
          + 0.05 * rng.standard_normal((200, 40))).astype(np.float32)
+    if ties:  # duplicated rows and a scaled copy: equal unit rows, as in bag-of-words spaces
+        a, b = with_duplicates(a), with_duplicates(b)
     assert svcca(a, b) == pytest.approx(their_svcca(a, b), abs=2e-3)
     assert svcca(a, a @ np.linalg.qr(rng.standard_normal((24, 24)))[0].astype(np.float32)) < 1.0 + 1e-6
     assert svcca(a, a) == pytest.approx(1.0, abs=1e-4)

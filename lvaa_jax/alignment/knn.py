@@ -6,8 +6,8 @@ permutation null, the bootstrap and the k sweep read the same ``[N, K]`` arrays.
 
 Ties. Identical instruction vectors are common here (bag-of-words spaces, input-embedding layers), and
 float summation order would then decide their order. Similarities are therefore rounded to multiples of
-1e-6 before top-k (float32 noise is ~1e-7, so copies tie again), and equal values go to the lower index
-(``lax.top_k``'s documented tie rule within a tile, and the same rule wherever lists merge): identical rows
+1e-6 before the selection (float32 noise is ~1e-7, so copies tie again), and equal values go to the lower
+index (the selection's integer keys encode that order, and lists merge in it): identical rows
 get the same neighbours whatever the device, tile size or backend, unless float noise straddles a rounding
 boundary (odds of about noise / 1e-6 per tie). The order is total, so the top-k' for any k' < K is the
 first k' columns of the top-K: the whole k sweep needs one neighbour search.
@@ -31,22 +31,19 @@ QUANTA_PER_UNIT = 1_000_000  # similarities are rounded to multiples of 1e-6
 AXIS = "data"
 
 
-def default_block_size(n: int, d: int, num_devices: int, platform: str) -> int:
+def default_block_size(n: int, num_devices: int, platform: str) -> int:
     """Side of the square similarity tiles: ``block`` x ``block`` float32 per step.
 
-    Larger tiles waste more matmul on the diagonal tiles (about block / 4N of it), and on CPU each row of
-    each tile costs two top-k calls of about 1 us on one thread, so the best tile depends on D. Measured on
-    this project's 2-core machine: at D = 384, where the top-k is a large share, tiles of N / 5 rows up to
-    8 192; at D = 4 096, where the matmul is nearly all of it, N / 10 rows between 1 024 and 2 048 (at
-    10 000 rows, 1 000-row tiles took 3% less CPU time than 2 000-row ones, and 8% less before diagonal
-    tiles were split). Accelerators want large tiles for their matmul units. With several
-    devices there are at least 2 blocks per device, so the tiles, which devices share out, number at least
-    ~2 per device. A multiple of 8, splitting N into equal blocks.
+    Larger tiles waste more matmul on the diagonal tiles (about block / 4N of it) and, on CPU, no longer
+    fit the cache that the selection's passes over a tile read from. Measured on this project's 2-core
+    machine (one core, N = 10 000 and 20 000): at D = 384, tiles of 1 000 rows took 0.55-0.60 CPU s
+    against 0.67 for 2 000 rows and 0.87 for 5 000 at N = 10 000, and 640-2 000 rows were within 3% at
+    N = 20 000; at D = 4 096, 512-2 000 rows were within 4%. So about 1 024 rows whatever D and N.
+    Accelerators want large tiles for their matmul units. With several devices there are at least 2
+    blocks per device, so the tiles, which devices share out, number at least ~2 per device. A multiple
+    of 8, splitting N into equal blocks.
     """
-    if platform == "cpu":
-        block = min(8192, max(1024, -(-n // 5))) if d < 1024 else min(2048, max(1024, -(-n // 10)))
-    else:
-        block = 8192
+    block = 1024 if platform == "cpu" else 8192
     blocks = max(-(-n // block), min(2 * num_devices, -(-n // 8)) if num_devices > 1 else 1)
     return -(-n // (8 * blocks)) * 8
 
@@ -78,7 +75,7 @@ def nearest_neighbours(x, k: int, *, block_size: int | None = None, devices: Seq
     k = check_k(k, n)
     devices = tuple(jax.devices() if devices is None else devices)
     if block_size is None:
-        block_size = default_block_size(n, x.shape[1], len(devices), devices[0].platform)
+        block_size = default_block_size(n, len(devices), devices[0].platform)
     elif isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
         raise LvaaError(f"block_size={block_size!r}: must be a positive integer")
     values, ids = _knn(x, k=k, block=int(block_size), mesh=data_mesh(devices))
@@ -92,66 +89,92 @@ def _best(values: jax.Array, ids: jax.Array, k: int) -> tuple[jax.Array, jax.Arr
     return -negated[:, :k], ids[:, :k]
 
 
-def _merge_later(best: tuple[jax.Array, jax.Array], offered: tuple[jax.Array, jax.Array], k: int):
-    """``_best`` of two lists that are each in that order already, where every id offered is above every id
-    in ``best`` (so ``best`` wins ties): each entry's place in the merged list is its place in its own list
-    plus the number of entries of the other list that go before it. Elementwise on [R, k, k], which fuses;
-    a sort per row costs several times more on CPU (measured)."""
-    (best_values, best_ids), (offered_values, offered_ids) = best, offered
-    best_place = jnp.arange(best_values.shape[1]) + (offered_values[:, None, :] > best_values[:, :, None]).sum(-1)
-    offered_place = (jnp.arange(offered_values.shape[1])
-                     + (best_values[:, None, :] >= offered_values[:, :, None]).sum(-1))
-    slots = jnp.arange(k)
+PLACE_BITS = 10  # a selection key's low bits: a candidate's place among at most PLACES
+PLACES = 1 << PLACE_BITS
+OFFSET = 1 << 20  # quantised similarities (|q| <= 1e6 + float noise) + OFFSET lie in (0, 2^21): a key fits int32
 
-    def placed(place, values, ids):
-        at = place[:, :, None] == slots  # [R, entries, k]: entry -> slot
-        return jnp.where(at, values[:, :, None], -jnp.inf).max(1), jnp.where(at, ids[:, :, None], 0).sum(1)
 
-    (v1, i1), (v2, i2) = placed(best_place, best_values, best_ids), placed(offered_place, offered_values, offered_ids)
-    return jnp.maximum(v1, v2), i1 + i2
+def _keys(quantised: jax.Array, places: jax.Array) -> jax.Array:
+    """int32 keys in the search's order: the larger quantised similarity (high bits), then the lower place
+    (the complement of the place, low bits). Distinct places give distinct keys, -inf ones included (high
+    bits 0, below every similarity), so one integer maximum yields a value and its place at once."""
+    finite = quantised > -jnp.inf
+    high = jnp.where(finite, jnp.where(finite, quantised, 0).astype(jnp.int32) + OFFSET, 0)
+    return (high << PLACE_BITS) | (PLACES - 1 - places)
+
+
+def _values_places(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(quantised similarity, place) of each key (``_keys`` inverted)."""
+    high = keys >> PLACE_BITS
+    return jnp.where(high == 0, -jnp.inf, (high - OFFSET).astype(jnp.float32)), PLACES - 1 - (keys & (PLACES - 1))
+
+
+def _largest(keys: jax.Array, k: int) -> jax.Array:
+    """[k, R]: the k largest of the distinct keys [C, R] along axis 0, largest first. Each step is one fused
+    maximum over the largest keys below the previous step's, vectorised along R, with nothing written back:
+    k passes over C keys cost less on CPU than ``lax.top_k``, which runs a partial sort per row on one
+    thread (~1 us per row plus ~3 ns per entry, measured)."""
+    def step(previous, _):
+        key = jnp.where(keys < previous, keys, -1).max(0)
+        return key, key
+
+    largest = keys.max(0)
+    return jnp.concatenate([largest[None], lax.scan(step, largest, None, length=k - 1)[1]])
 
 
 def group_size(block: int, k: int) -> int:
-    """Entries per group of the two-level top-k over ``block`` entries (1: a plain top-k).
+    """Entries per group of the two-level selection over ``block`` entries (1: a plain top-k).
 
-    A two-level top-k costs one top-k over the block / g group maxima and one over the k g entries of the
-    k best groups, so g ~ sqrt(block / k) balances the two; g divides the block.
+    The selection ranks block / g group maxima and then the k g entries of the k best groups, so
+    g ~ sqrt(block / k) balances the two; g divides the block.
     """
     target = max(1, round((block / k) ** 0.5))
     g = next(g for g in range(target, 0, -1) if block % g == 0)
-    return g if g > 1 and k * g < block else 1
+    return g if g > 1 and k * g < block and block // g <= PLACES and k * (g + 1) <= PLACES else 1
 
 
-def _offer(sims: jax.Array, other: jax.Array, k: int, columns: bool) -> tuple[jax.Array, jax.Array]:
-    """The k best (quantised similarity, id) that a [B, B] tile of similarities (-inf where masked) offers
-    each of its rows, or each of its columns when ``columns``; ``other`` holds the ids along the other axis.
-    Best first, ties to the lower id.
+def _offer(sims: jax.Array, other: jax.Array, current: tuple[jax.Array, jax.Array], k: int,
+           columns: bool) -> tuple[jax.Array, jax.Array]:
+    """The lists ``current`` ([B, k] quantised similarities and ids, best first) of the rows of a [B, B]
+    tile of similarities (-inf where masked), or of its columns when ``columns``, merged with the tile's
+    entries; ``other`` holds the ids along the other axis, all above every id in ``current`` (which
+    therefore wins ties). Best first, ties to the lower id.
 
     Two-level where the tile allows it (``group_size``), and exact: the k groups of g consecutive entries
-    with the highest maxima (ties to the lower group) hold the top k, since each of the k groups ranked
-    above any other group holds an entry that beats all of that group's entries. Their k g entries,
-    gathered in id order, go through a top-k of their own. XLA:CPU's top-k runs on one thread at about 1 us
-    per row plus 3 ns per entry (measured), whereas the group maxima are one vectorised pass over the tile:
-    a row's top-k reads ~2 sqrt(k B) entries instead of B. Columns are read where they lie, never from a
-    transposed copy. Rounding commutes with the maximum, so only maxima and candidates are rounded.
+    with the highest maxima (ties to the lower group) hold the tile's top k, since each of the k groups
+    ranked above any other group holds an entry that beats all of that group's entries; the top k of
+    ``current`` and the tile is among ``current`` and those k g entries. Both levels select with
+    ``_largest`` on keys laid out [candidates, B], so every pass is vectorised along B; the group maxima
+    (one pass over the tile) are the only work per entry, and columns are read where they lie. Rounding
+    commutes with the maximum, so only maxima and candidates are rounded.
     """
     b = sims.shape[0]
     g = group_size(b, k)
-    if g == 1:
-        values, at = lax.top_k(jnp.round((sims.T if columns else sims) * QUANTA_PER_UNIT), min(k, b))
-        return values, other[at]  # a tile row may be shorter than k
+    current_values, current_ids = current
+    if g == 1:  # a small tile or a large k: one top-k over the current list and the whole tile
+        values, at = lax.top_k(jnp.concatenate(
+            [current_values, jnp.round((sims.T if columns else sims) * QUANTA_PER_UNIT)], 1), k)
+        held = jnp.take_along_axis(current_ids, jnp.minimum(at, k - 1), axis=1)
+        return values, jnp.where(at < k, held, other[jnp.maximum(at - k, 0)])
+    groups = b // g
     if columns:
-        maxima = sims.reshape(b // g, g, b).max(1).T
+        maxima = sims.reshape(groups, g, b).max(1)  # [groups, B]
     else:
-        maxima = sims.reshape(b, b // g, g).max(2)
-    groups = jnp.sort(lax.top_k(jnp.round(maxima * QUANTA_PER_UNIT), k)[1], axis=1)  # [B, k]
+        maxima = sims.reshape(b, groups, g).max(2).T
+    chosen = _values_places(_largest(_keys(jnp.round(maxima * QUANTA_PER_UNIT), jnp.arange(groups)[:, None]), k))[1]
+    # the chosen groups in increasing order (so that candidates' places follow their ids), by their ranks
+    rank = (chosen[None, :, :] < chosen[:, None, :]).sum(1)  # [k, B]
+    chosen = jnp.where(rank[None] == jnp.arange(k)[:, None, None], chosen[None], 0).sum(1)
     if columns:
-        picked = jnp.take_along_axis(sims.reshape(b // g, g, b), groups.T[:, None, :], axis=0)  # [k, g, B]
-        picked = picked.reshape(k * g, b).T
+        picked = jnp.take_along_axis(sims.reshape(groups, g, b), chosen[:, None, :], axis=0).reshape(k * g, b)
     else:
-        picked = jnp.take_along_axis(sims.reshape(b, b // g, g), groups[:, :, None], axis=1).reshape(b, k * g)
-    values, at = lax.top_k(jnp.round(picked * QUANTA_PER_UNIT), k)
-    return values, other[groups[jnp.arange(b)[:, None], at // g] * g + at % g]
+        picked = jnp.take_along_axis(sims.reshape(b, groups, g), chosen.T[:, :, None], axis=1).reshape(b, k * g).T
+    candidates = jnp.concatenate([current_values.T, jnp.round(picked * QUANTA_PER_UNIT)])  # current first
+    values, places = _values_places(_largest(_keys(candidates, jnp.arange(k + k * g)[:, None]), k))
+    in_tile = jnp.maximum(places - k, 0)
+    tile_ids = other[jnp.take_along_axis(chosen, in_tile // g, axis=0) * g + in_tile % g]
+    held = jnp.take_along_axis(current_ids.T, jnp.minimum(places, k - 1), axis=0)
+    return values.T, jnp.where(places < k, held, tile_ids).T
 
 
 @functools.partial(jax.jit, static_argnames=("k", "block", "mesh"))
@@ -161,7 +184,7 @@ def _knn(x: jax.Array, *, k: int, block: int, mesh: Mesh) -> tuple[jax.Array, ja
     # row-by-row search. Devices take equal shares of the tiles, keep a running top-k of every row, and
     # their lists are merged at the end. Tiles run in row-major order, so each block is offered candidates
     # in increasing column order (blocks c < b from tiles (c, b), then b, b + 1, ... from tiles (b, .)) and
-    # a device merges lists cheaply (``_merge_later``). A diagonal tile is symmetric too, so it is computed
+    # a device merges lists in the selection itself (``_offer``). A diagonal tile is symmetric too, so it is computed
     # as three half tiles (its upper-left, upper-right and lower-right quarters, which keeps that order):
     # the matmul wasted on diagonal tiles is then a quarter tile, not half. Rows are padded to a whole
     # number of blocks. The diagonal and the padded columns are set to -inf in the tiles that hold them,
@@ -179,10 +202,9 @@ def _knn(x: jax.Array, *, k: int, block: int, mesh: Mesh) -> tuple[jax.Array, ja
     split = block % 2 == 0 and block >= 16  # diagonal tiles as three half tiles
 
     def device_tiles(rows: jax.Array, tiles: jax.Array) -> tuple[jax.Array, jax.Array]:
-        def offer(best, start, offered):
-            size = offered[0].shape[0]
-            current = tuple(lax.dynamic_slice_in_dim(b, start, size) for b in best)
-            merged = _merge_later(current, offered, k)
+        def offer(best, sims, start, other, columns: bool):
+            current = tuple(lax.dynamic_slice_in_dim(b, start, sims.shape[0]) for b in best)
+            merged = _offer(sims, other, current, k, columns)
             return tuple(lax.dynamic_update_slice_in_dim(b, m, start, 0) for b, m in zip(best, merged, strict=True))
 
         def square(best, rows_at, columns_at, size: int, diagonal: bool):
@@ -195,9 +217,9 @@ def _knn(x: jax.Array, *, k: int, block: int, mesh: Mesh) -> tuple[jax.Array, ja
             if pad:
                 sims = lax.cond(columns_at + size > n, lambda s: jnp.where(columns_at + inner < n, s, -jnp.inf),
                                 lambda s: s, sims)
-            best = offer(best, rows_at, _offer(sims, columns_at + inner, k, columns=False))
+            best = offer(best, sims, rows_at, columns_at + inner, columns=False)
             if not diagonal:
-                best = offer(best, columns_at, _offer(sims, rows_at + inner, k, columns=True))
+                best = offer(best, sims, columns_at, rows_at + inner, columns=True)
             return best
 
         def diagonal_tile(best, at):
