@@ -87,6 +87,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.align.k_sweep = (1, 2, 5, 10, 15, 20, 30, 50)
     c.align.permutations = 200
     c.align.bootstrap = 200
+    c.align.center = False  # subtract each space's mean vector before cosine (decoder states share a direction)
     c.align.clamp_outliers = False  # clamp at the 95th percentile of |x| (Platonic Representation code)
     c.align.block_size = 0  # 0: chosen from N and the device
     c.align.rsa_max_n = 5000  # RSA needs N^2 memory: above this, a fixed random subset of instructions

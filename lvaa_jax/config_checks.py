@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
@@ -40,12 +40,17 @@ NON_NEGATIVE_INT = Bound("an integer >= 0", lambda v: _integer(v) and v >= 0)
 POSITIVE = Bound("a finite number > 0", lambda v: _finite(v) and v > 0)
 NON_NEGATIVE = Bound("a finite number >= 0", lambda v: _finite(v) and v >= 0)
 FRACTION = Bound("a number in [0, 1)", lambda v: _finite(v) and 0 <= v < 1)
+BOOLEAN = Bound("True or False", lambda v: isinstance(v, bool))
 
 
 def check_section(config: ml_collections.ConfigDict, section: str, **bounds: Bound) -> None:
     """Refuses the first setting of ``config.<section>`` (``""``: the top level) outside its bound."""
-    values = config[section] if section else config
-    prefix = f"config.{section}." if section else "config."
+    check_values(config[section] if section else config, f"config.{section}." if section else "config.", **bounds)
+
+
+def check_values(values: Mapping[str, Any], prefix: str, **bounds: Bound) -> None:
+    """``check_section`` for a section handed over on its own (a stage given ``config.align``), named by
+    ``prefix`` (``"config.align."``) in the error."""
     for key, bound in bounds.items():
         value = values.get(key)
         if not bound.accepts(value):

@@ -102,7 +102,8 @@ def _new_record(path: Path) -> dict:
 
 
 def headline(report_dir: Path, space: str = "action") -> str:
-    """The console table: ``space`` against every other space, at last layers and at the best layer pair."""
+    """The console table: ``space`` against every other space, at last layers and at the best layer pair;
+    then the language-model baseline at the last layers."""
     summary = json.loads((report_dir / "summary.json").read_text())
     lines = [f"precision@{summary['k']} over N = {summary['n']} instructions (chance {summary['chance']:.3f})",
              f"{'':16s} {'last':>6s} {'calib.':>7s} {'best':>6s} {'layers':>7s}"]
@@ -114,6 +115,8 @@ def headline(report_dir: Path, space: str = "action") -> str:
         layers = "/".join(map(str, best["layers"] if pair["a"] == space else best["layers"][::-1]))
         lines.append(f"{space[:7]}~{other[:8]:8s} {last['precision']:6.3f} {last['calibrated']:+7.3f} "
                      f"{best['precision']:6.3f} {layers:>7s}")
+    lines += [family["sentence"] for family in summary.get("baseline", [])
+              if family["layers"] == "last" and family["action"] == space]
     return "\n".join(lines)
 
 

@@ -47,6 +47,9 @@ def main(argv):
         print(f"{pair['a']:>20s} ~ {pair['b']:<20s} precision@k {last['precision']:.3f} "
               f"(calibrated {last['calibrated']:+.3f}, p {last['p_value']:.3g}); best layers "
               f"{best['layers'][0]}/{best['layers'][1]}: {best['precision']:.3f}")
+    for family in summary["baseline"]:
+        if family["layers"] == "last":
+            print(family["sentence"])
     print(f"report: {out}/report.md")
 
 

@@ -65,6 +65,10 @@ def test_every_artifact_exists_and_is_well_formed(study):
     np.testing.assert_allclose(matrix, matrix.T)
     assert list((workdir / "alignment").glob("*.png"))
     assert "action~tiny_gpt" in headline(workdir / "alignment")
+    # Kinds reach the alignment from the embedding stage's table metadata; one decoder: no baseline pair.
+    assert {t.meta["kind"] for t in tables.values()} == {"action", "control", "decoder"}
+    assert "Decoders, last layers: only one in the panel (tiny_gpt2)" in headline(workdir / "alignment")
+    assert "## Language-model baseline" in text
     assert set(json.loads((workdir / "pipeline.json").read_text())["runs"][0]["seconds"]) == set(STAGES)
 
 

@@ -138,8 +138,9 @@ COMPANIONS = ("procrustes", "cka", "cka_debiased", "rsa", "svcca")
 
 
 def render(summary: Mapping, matrices: Mapping[str, np.ndarray], sweep: Sequence[Mapping],
-           extra_sections: Mapping[str, str]) -> str:
-    """report.md: settings, headline table, matrices, k sweep, then ``extra_sections`` in order."""
+           baseline: Sequence[Mapping], extra_sections: Mapping[str, str]) -> str:
+    """report.md: settings, headline table, the language-model baseline (``baseline`` records), matrices,
+    k sweep, then ``extra_sections`` in order."""
     n, k, chance, s = summary["n"], summary["k"], summary["chance"], summary["settings"]
     names = [space["name"] for space in summary["spaces"]]
     ci = f"{s['ci_level']:.0%} CI"
@@ -151,9 +152,15 @@ def render(summary: Mapping, matrices: Mapping[str, np.ndarray], sweep: Sequence
         f"the second space's instructions; bootstrap: {s['bootstrap']} resamples of the instructions, "
         f"percentile intervals (for the best pair, at the chosen layers). Outlier clamp at the 95th "
         f"percentile of |x|: "
-        f"{'on' if s['clamp_outliers'] else 'off'}.",
-        markdown_table(["space", "layers", "width"],
-                       [[sp["name"], sp["layers"], sp["width"]] for sp in summary["spaces"]]),
+        f"{'on' if s['clamp_outliers'] else 'off'}. Centring (each space's mean vector subtracted before "
+        f"cosine, align.center): {'on' if s['center'] else 'off'}.",
+        markdown_table(["space", "kind", "layers", "width", "mean cosine"],
+                       [[sp["name"], sp["kind"], sp["layers"], sp["width"], f"{sp['mean_cosine']:.3f}"]
+                        for sp in summary["spaces"]]),
+        "Kind: from each table's metadata. Mean cosine: the mean cosine similarity over pairs of distinct "
+        "instructions at the last layer, as stored (before centring): near 0 for an isotropic space, near 1 "
+        "when every instruction shares one dominant direction (typical of decoder states), which then "
+        "weighs in every cosine; align.center removes it.",
         "Layers are numbered along each table's layer axis from 0 (for tables that keep every layer of a "
         "Hugging Face model, 0 is the input embeddings). Each pair is scored at its last layers and at its "
         "best layer pair, the maximum of precision@k over all layer pairs of the two spaces (as the Platonic "
@@ -167,6 +174,7 @@ def render(summary: Mapping, matrices: Mapping[str, np.ndarray], sweep: Sequence
              "calibrated", "p"],
             [[pair["a"], pair["b"], *(cell for which in ("last", "best") for cell in _headline(pair[which]))]
              for pair in summary["pairs"]]),
+        *_baseline_section(summary, baseline),
     ]
     for metric in ("precision_at_k", "precision_at_k_best_layers", "precision_calibrated",
                    "precision_calibrated_best_layers"):
@@ -230,6 +238,36 @@ def render(summary: Mapping, matrices: Mapping[str, np.ndarray], sweep: Sequence
     for heading, body in extra_sections.items():
         out += [f"## {heading}", body.strip()]
     return "\n\n".join(out) + "\n"
+
+
+def _baseline_section(summary: Mapping, records: Sequence[Mapping]) -> list[str]:
+    """The paper's comparison: action~LM beside LM~LM within each family (lvaa_jax/alignment/baseline.py)."""
+    k, ci = summary["k"], f"{summary['settings']['ci_level']:.0%} CI"
+    out = ["## Language-model baseline",
+           f"The paper reads action~LLM precision@{k} as \"approaching the alignment observed among language "
+           "models themselves\". For each family of language models in the panel (kinds from the tables' "
+           "metadata: decoders; encoders; CLIP and BLIP as vision-language models), each model's agreement "
+           "with the action space beside its mean agreement with the other models of its family, and the "
+           "family means (mean rows: every action~model pair against every model~model pair). The ratio "
+           "divides the calibrated means (chance removed); its interval and the difference's come from the "
+           "bootstrap resamples that give every pair's interval, applied to all pairs alike."]
+    if not summary["baseline"]:
+        return out + ["Not available: the panel has no action space or no language model (tables of kind "
+                      "decoder, encoder, clip or blip)."]
+    for which, heading in (("last", "last layers"), ("best", "best layer pairs (maxima, calibrated against "
+                                                               "the null of the same maximum)")):
+        rows = [[r["action"], r["family"], f"**{r['model']}**" if r["model"] == "mean" else r["model"],
+                 f"{r['action_precision']:.3f}", f"[{r['action_ci_low']:.3f}, {r['action_ci_high']:.3f}]",
+                 f"{r['action_calibrated']:+.3f}", r["peers"] or "all pairs", _number(r["peer_precision"], ".3f"),
+                 f"[{_number(r['peer_ci_low'], '.3f')}, {_number(r['peer_ci_high'], '.3f')}]",
+                 _number(r["peer_calibrated"], "+.3f"), _number(r["ratio_calibrated"], ".0%"),
+                 f"[{_number(r['ratio_ci_low'], '.0%')}, {_number(r['ratio_ci_high'], '.0%')}]"]
+                for r in records if r["layers"] == which]
+        out += [f"### {heading.capitalize()}",
+                "\n".join(f"- {family['sentence']}" for family in summary["baseline"] if family["layers"] == which),
+                markdown_table(["action", "family", "model", "action~model", ci, "calibrated", "peers",
+                                "model~peers", ci, "calibrated", "ratio", ci], rows)]
+    return out
 
 
 def _headline(values: Mapping) -> list[str]:

@@ -10,6 +10,11 @@ Order of work, each step reusing the previous one's arrays:
 4. Bootstrap intervals from per-instruction overlaps; the k sweep; at the last layers, the Platonic
    Representation Hypothesis kNN metrics from the same lists (with their nulls), and Procrustes, CKA, RSA
    and SVCCA.
+5. The language-model baseline (``baseline.py``) from the last- and best-layer scores and the same
+   bootstrap draws; each space's kind (from its table's metadata) and mean pairwise cosine.
+
+``align.center`` subtracts each space's mean vector (per layer) before step 1, so every cosine sees centred
+spaces.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from lvaa_jax.alignment import report
+from lvaa_jax.alignment.baseline import language_model_baseline, space_kind
 from lvaa_jax.alignment.knn import (
     nearest_neighbours,
     overlap_counts,
@@ -35,7 +41,15 @@ from lvaa_jax.alignment.knn import (
 )
 from lvaa_jax.alignment.knn_family import family_matrices
 from lvaa_jax.alignment.similarity import MIN_N_UNBIASED, similarity_matrices
-from lvaa_jax.alignment.spaces import check_k, check_space, clamp_outliers, one_direction, unit_rows
+from lvaa_jax.alignment.spaces import (
+    centre,
+    check_k,
+    check_space,
+    clamp_outliers,
+    mean_cosine,
+    one_direction,
+    unit_rows,
+)
 from lvaa_jax.alignment.stats import (
     bootstrap_means,
     map_chunks,
@@ -43,6 +57,7 @@ from lvaa_jax.alignment.stats import (
     percentile_interval,
     permutation_null,
 )
+from lvaa_jax.config_checks import BOOLEAN, NON_NEGATIVE_INT, POSITIVE_INT, check_values
 from lvaa_jax.distributed import on_process_zero
 from lvaa_jax.embeddings.table import EmbeddingTable, load_table
 from lvaa_jax.errors import LvaaError
@@ -63,6 +78,7 @@ class Settings:
     sweep_skipped: tuple[int, ...]
     permutations: int
     bootstrap: int
+    center: bool
     clamp_outliers: bool
     block_size: int | None
     rsa_max_n: int
@@ -70,24 +86,32 @@ class Settings:
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, n: int) -> Settings:
-        def positive(key: str, value) -> int:
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise LvaaError(f"align.{key}={value!r}: must be a positive integer")
-            return int(value)
-
-        sweep = sorted({positive("k_sweep", k) for k in config.k_sweep})
-        block = config.block_size
+        check_values(config, "config.align.", permutations=POSITIVE_INT, bootstrap=POSITIVE_INT, center=BOOLEAN,
+                     clamp_outliers=BOOLEAN, block_size=NON_NEGATIVE_INT, rsa_max_n=POSITIVE_INT,
+                     seed=NON_NEGATIVE_INT)
+        for k in config.k_sweep:
+            check_values({"k_sweep": k}, "config.align.", k_sweep=POSITIVE_INT)
+        sweep = sorted(set(config.k_sweep))
         return cls(
-            k=check_k(config.k, n, "align.k"),
+            k=check_k(config.k, n, "config.align.k"),
             sweep=tuple(k for k in sweep if k < n),
             sweep_skipped=tuple(k for k in sweep if k >= n),
-            permutations=positive("permutations", config.permutations),
-            bootstrap=positive("bootstrap", config.bootstrap),
-            clamp_outliers=bool(config.clamp_outliers),
-            block_size=None if block == 0 else positive("block_size", block),
-            rsa_max_n=max(4, positive("rsa_max_n", config.rsa_max_n)),
-            seed=int(config.seed),
+            permutations=config.permutations,
+            bootstrap=config.bootstrap,
+            center=config.center,
+            clamp_outliers=config.clamp_outliers,
+            block_size=config.block_size or None,
+            rsa_max_n=max(4, config.rsa_max_n),
+            seed=config.seed,
         )
+
+    def prepare(self, x, label: str) -> jax.Array:
+        """A space as every score sees it, checked (``check_space``, naming ``label``): centred (``center``),
+        then clamped (``clamp_outliers``)."""
+        x = check_space(x, label)
+        if self.center:
+            x = check_space(centre(x), f"{label} after centring (config.align.center)")
+        return clamp_outliers(x) if self.clamp_outliers else x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,10 +160,6 @@ def align_tables(tables: Mapping[str, EmbeddingTable], config: ml_collections.Co
     ``extra_sections``, heading -> Markdown, appended in order) and ``summary.json`` to ``out_dir``.
 
     ``config`` is the ``align`` section of the study config. Returns the summary (headline numbers).
-
-    In a job of several processes, every process calls it: the neighbour search shares its tiles over the
-    devices of every process, each of which gets the whole lists back; process 0 alone then scores them
-    (cheap beside the search) and writes the files, while the others wait for its summary.
     """
     if len(tables) < 2:
         raise LvaaError(f"need at least two embedding tables to compare, got {len(tables)}")
@@ -160,8 +180,7 @@ def align_tables(tables: Mapping[str, EmbeddingTable], config: ml_collections.Co
         last = layer % tables[name].num_layers == tables[name].num_layers - 1
         if not last and x.ndim == 2 and len(x) > 1 and _constant(x):
             return None, label  # a constant layer before the last: left out (``skipped``)
-        x = check_space(x, label)
-        return (clamp_outliers(x) if s.clamp_outliers else x), label
+        return s.prepare(x, label), label
 
     # One search per (space, layer), one neighbour past the largest k so that ties at the k-th are visible.
     big_k = max(s.k, *s.sweep)
@@ -179,49 +198,54 @@ def align_tables(tables: Mapping[str, EmbeddingTable], config: ml_collections.Co
         searched.append(np.asarray(kept))
     similarities = jnp.stack([v for v, _ in found])
     indices = jnp.stack([i for _, i in found])[..., :big_k]
+    head = indices[..., : s.k]
 
-    def score_and_write() -> dict:  # process 0 alone, from the lists every process got
-        head = indices[..., : s.k]
-        space_pairs = upper_pairs(len(names))
-        lp = LayerPairs.build(searched, space_pairs)
-        rows = jnp.asarray(lp.rows)
-        raw = map_chunks(lambda ids: overlap_totals(head, head, rows[jnp.minimum(ids, len(rows) - 1)]),
-                         len(rows), min(_LAYER_PAIR_CHUNK, len(rows)), "layer pairs")
-        best = lp.start + np.asarray([segment.argmax() for segment in np.split(raw, lp.start[1:])])
-        null = permutation_null(head, lp.rows, jax.random.fold_in(key, 0), s.permutations)
-        counts = overlap_counts(head, head, rows[np.concatenate([lp.last, best])])
-        boot = bootstrap_means(counts, jax.random.fold_in(key, 1), s.bootstrap) / s.k
-        ci_low, ci_high = percentile_interval(boot, CI_LEVEL)
-        sweep = np.asarray(sweep_totals(indices, rows[lp.last], s.sweep)) / (n * np.asarray(s.sweep))
+    space_pairs = upper_pairs(len(names))
+    lp = LayerPairs.build(searched, space_pairs)
+    rows = jnp.asarray(lp.rows)
+    raw = map_chunks(lambda ids: overlap_totals(head, head, rows[jnp.minimum(ids, len(rows) - 1)]),
+                     len(rows), min(_LAYER_PAIR_CHUNK, len(rows)), "layer pairs")
+    best = lp.start + np.asarray([segment.argmax() for segment in np.split(raw, lp.start[1:])])
+    null = permutation_null(head, lp.rows, jax.random.fold_in(key, 0), s.permutations)
+    counts = overlap_counts(head, head, rows[np.concatenate([lp.last, best])])
+    boot = bootstrap_means(counts, jax.random.fold_in(key, 1), s.bootstrap) / s.k
+    ci_low, ci_high = percentile_interval(boot, CI_LEVEL)
+    sweep = np.asarray(sweep_totals(indices, rows[lp.last], s.sweep)) / (n * np.asarray(s.sweep))
 
-        scale = n * s.k
-        scores = {}
-        for which, chosen, nulls in (("last", lp.last, null[:, lp.last]),
-                                     ("best", best, np.maximum.reduceat(null, lp.start, axis=1))):
-            mean = nulls.mean(0) / scale
-            scores[which] = dict(layers=lp.layers[chosen], precision=raw[chosen] / scale, null_mean=mean,
-                                 calibrated=raw[chosen] / scale - mean, p_value=p_values(raw[chosen], nulls))
-        p = len(space_pairs)
-        scores["last"].update(ci_low=ci_low[:p], ci_high=ci_high[:p])
-        scores["best"].update(ci_low=ci_low[p:], ci_high=ci_high[p:])
+    scale = n * s.k
+    scores = {}
+    for which, chosen, nulls in (("last", lp.last, null[:, lp.last]),
+                                 ("best", best, np.maximum.reduceat(null, lp.start, axis=1))):
+        mean = nulls.mean(0) / scale
+        scores[which] = dict(layers=lp.layers[chosen], precision=raw[chosen] / scale, null_mean=mean,
+                             calibrated=raw[chosen] / scale - mean, p_value=p_values(raw[chosen], nulls))
+    p = len(space_pairs)
+    scores["last"].update(ci_low=ci_low[:p], ci_high=ci_high[:p])
+    scores["best"].update(ci_low=ci_low[p:], ci_high=ci_high[p:])
 
-        last_rows = np.cumsum([len(kept) for kept in searched]) - 1
-        family, undefined = family_matrices(head, similarities[..., : s.k], last_rows, jax.random.fold_in(key, 0),
-                                            s.permutations)
-        values = np.asarray(similarities[last_rows])
-        ties = (values[..., s.k - 1] == values[..., s.k]).mean(1) if search_k > s.k else np.zeros(len(names))
+    last_rows = np.cumsum([len(kept) for kept in searched]) - 1
+    family, undefined = family_matrices(head, similarities[..., : s.k], last_rows, jax.random.fold_in(key, 0),
+                                        s.permutations)
+    values = np.asarray(similarities[last_rows])
+    ties = (values[..., s.k - 1] == values[..., s.k]).mean(1) if search_k > s.k else np.zeros(len(names))
 
-        last_spaces = [unit_rows(space(name, -1)[0]) for name in names]
-        rsa_rows = _rsa_rows(n, s.rsa_max_n, jax.random.fold_in(key, 2))
-        companions, companions_undefined = similarity_matrices(last_spaces, [x[rsa_rows] for x in last_spaces])
-        undefined |= companions_undefined
+    last_spaces = [unit_rows(space(name, -1)[0]) for name in names]
+    rsa_rows = _rsa_rows(n, s.rsa_max_n, jax.random.fold_in(key, 2))
+    companions, companions_undefined = similarity_matrices(last_spaces, [x[rsa_rows] for x in last_spaces])
+    undefined |= companions_undefined
 
-        summary = _summary(names, tables, n, s, space_pairs, scores, rsa_rows.size, skipped, ties, undefined)
+    kinds = [space_kind(tables[name].meta) for name in names]
+    baseline = language_model_baseline(names, kinds, space_pairs, scores, {"last": boot[:, :p], "best": boot[:, p:]},
+                                       CI_LEVEL)
+    summary = _summary(names, tables, kinds, n, s, space_pairs, scores, rsa_rows.size, skipped, ties, undefined,
+                       baseline["families"])
+
+    def write() -> dict:  # process 0 alone (every process scored the lists it got back)
         _write(out_dir, summary, names, s, space_pairs, scores, companions | family, lp, raw, sweep, num_layers,
-               extra_sections or {})
+               baseline["records"], extra_sections or {})
         return summary
 
-    return on_process_zero(score_and_write, f"the alignment files in {out_dir}")
+    return on_process_zero(write, f"the alignment files in {out_dir}")
 
 
 def _constant(x: jax.Array) -> bool:
@@ -258,13 +282,15 @@ def _rsa_rows(n: int, limit: int, key: jax.Array) -> np.ndarray:
     return np.sort(np.asarray(jax.random.choice(key, n, (limit,), replace=False)))
 
 
-def _summary(names: tuple[str, ...], tables: Mapping[str, EmbeddingTable], n: int, s: Settings,
-             space_pairs: np.ndarray, scores: dict[str, dict[str, np.ndarray]], rsa_n: int, skipped: list[dict],
-             ties: np.ndarray, undefined: Mapping[str, Mapping[int, str]]) -> dict:
-    """The headline numbers of every pair of distinct spaces, with the settings (summary.json): also the
-    layers left out of the search (every instruction had the same vector there), each space's fraction of
-    instructions whose k-th and (k+1)-th neighbours tie at the last layer, and the metrics undefined for a
-    space, with why."""
+def _summary(names: tuple[str, ...], tables: Mapping[str, EmbeddingTable], kinds: Sequence[str], n: int,
+             s: Settings, space_pairs: np.ndarray, scores: dict[str, dict[str, np.ndarray]], rsa_n: int,
+             skipped: list[dict], ties: np.ndarray, undefined: Mapping[str, Mapping[int, str]],
+             baseline: list[dict]) -> dict:
+    """The headline numbers of every pair of distinct spaces, with the settings (summary.json): also each
+    space's kind and mean pairwise cosine at its last layer (as stored, before centring), the layers left
+    out of the search (every instruction had the same vector there), each space's fraction of instructions
+    whose k-th and (k+1)-th neighbours tie at the last layer, the metrics undefined for a space, with why,
+    and the language-model baseline (``baseline.py``)."""
     pairs = []
     for p, (a, b) in enumerate(space_pairs):
         if a == b:
@@ -277,22 +303,26 @@ def _summary(names: tuple[str, ...], tables: Mapping[str, EmbeddingTable], n: in
         "n": n,
         "k": s.k,
         "chance": s.k / (n - 1),
-        "spaces": [{"name": name, "layers": tables[name].num_layers, "width": tables[name].embeddings.shape[-1],
-                    "ties_at_k": float(tie), "meta": tables[name].meta} for name, tie in zip(names, ties, strict=True)],
+        "spaces": [{"name": name, "kind": kind, "layers": tables[name].num_layers,
+                    "width": tables[name].embeddings.shape[-1], "mean_cosine": mean_cosine(tables[name].layer(-1)),
+                    "ties_at_k": float(tie), "meta": tables[name].meta}
+                   for name, kind, tie in zip(names, kinds, ties, strict=True)],
         "settings": dataclasses.asdict(s) | {"ci_level": CI_LEVEL, "rsa_instructions": rsa_n},
         "pairs": pairs,
         "skipped_layers": skipped,
         "undefined": [{"metric": metric, "space": names[a], "reason": reason}
                       for metric, spaces in undefined.items() for a, reason in spaces.items()],
+        "baseline": baseline,
     }
 
 
 def _write(out_dir: Path, summary: dict, names: tuple[str, ...], s: Settings, space_pairs: np.ndarray,
            scores: dict[str, dict[str, np.ndarray]], similarities: dict[str, np.ndarray], lp: LayerPairs,
-           raw: np.ndarray, sweep: np.ndarray, num_layers: list[int], extra_sections: Mapping[str, str]) -> None:
+           raw: np.ndarray, sweep: np.ndarray, num_layers: list[int], baseline: list[dict],
+           extra_sections: Mapping[str, str]) -> None:
     """Every output file: matrices, records, figures, report.md and summary.json."""
     m, n, k = len(names), summary["n"], s.k
-    common = {"n": n, "k": k, "chance": summary["chance"]}
+    common = {"n": n, "k": k, "chance": summary["chance"], "center": s.center, "clamp_outliers": s.clamp_outliers}
     matrices = dict(similarities)
     for which, suffix in (("last", ""), ("best", "_best_layers")):
         values = scores[which]
@@ -333,7 +363,8 @@ def _write(out_dir: Path, summary: dict, names: tuple[str, ...], s: Settings, sp
             report.layer_curves(out_dir / f"layers_{name}.png", name, curves, summary["chance"], k)
 
     report.write_records(out_dir, "headline", [_flat(entry) for entry in summary["pairs"]], **common)
-    (out_dir / "report.md").write_text(report.render(summary, matrices, sweep_records, extra_sections))
+    report.write_records(out_dir, "baseline", baseline, **common, ci_level=CI_LEVEL, families=summary["baseline"])
+    (out_dir / "report.md").write_text(report.render(summary, matrices, sweep_records, baseline, extra_sections))
     report.write_json(out_dir / "summary.json", summary)
     log.info("alignment of %d spaces over %d instructions written to %s", m, n, out_dir)
 

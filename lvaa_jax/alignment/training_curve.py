@@ -33,7 +33,6 @@ from matplotlib.ticker import MaxNLocator
 
 from lvaa_jax.alignment import report
 from lvaa_jax.alignment.knn import knn_indices, overlap_counts, overlap_totals
-from lvaa_jax.alignment.spaces import check_space, clamp_outliers
 from lvaa_jax.alignment.stage import CI_LEVEL, Settings, _check_instructions
 from lvaa_jax.alignment.stats import bootstrap_means, p_values, percentile_interval, permutation_null
 from lvaa_jax.embeddings.table import EmbeddingTable, load_table
@@ -81,16 +80,14 @@ class Curve:
 def score_snapshots(snapshots: Mapping[int, EmbeddingTable], spaces: Mapping[str, EmbeddingTable],
                     config: ml_collections.ConfigDict) -> Curve:
     """Scores every snapshot (by step) against every space, each at its last layer; ``config`` is the
-    ``align`` section (k, permutations, bootstrap, clamp, block size, seed)."""
+    ``align`` section (k, permutations, bootstrap, centring, clamp, block size, seed)."""
     steps, names = sorted(snapshots), tuple(spaces)
     labelled = [(f"action at step {step}", snapshots[step]) for step in steps] + [(n, spaces[n]) for n in names]
     n = len(labelled[0][1].instructions)
     s = Settings.from_config(config, n)
     neighbours = []
     for label, table in labelled:
-        x = check_space(table.layer(-1), label)
-        neighbours.append(knn_indices(clamp_outliers(x) if s.clamp_outliers else x, s.k, block_size=s.block_size,
-                                      name=label))
+        neighbours.append(knn_indices(s.prepare(table.layer(-1), label), s.k, block_size=s.block_size, name=label))
     indices = jnp.stack(neighbours)
     count, m = len(steps), len(names)
     pairs = np.asarray([(i, count + j) for i in range(count) for j in range(m)], np.int32)

@@ -1,6 +1,7 @@
 """Stage 3: embed the instruction set in every space of the panel, one table per space.
 
-Spaces: ``action`` (the trained agent's instruction pathway, every layer), the controls
+Spaces (each table's meta records its ``kind``: ``action``, ``control``, or the model's kind): ``action``
+(the trained agent's instruction pathway, every layer), the controls
 ``untrained_agent`` (same architecture at its initial parameters), ``bag_of_words`` and ``random``, and
 each language or vision-language model of ``config.embed.models``. A space whose table already exists
 with the same identity (model, weights hash, pooling, layers, checkpoint, instruction list) is skipped.
@@ -79,7 +80,8 @@ def _agent_space(name: str, workdir: Path, instructions: list[str]) -> Space:
         raise LvaaError(f"{checkpoints}: no trained agent (run scripts/train.py first, or drop '{name}')")
     steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
     identity = {
-        "space": name, "model": "lvaa_jax agent (instruction pathway)", "config_sha256": sha256_file(config_file),
+        "space": name, "kind": "action" if trained else "control", "model": "lvaa_jax agent (instruction pathway)",
+        "config_sha256": sha256_file(config_file),
         "checkpoint_step": steps[-1] if trained and steps else 0,
         "pooling": json.loads(config_file.read_text())["model"]["pooling"], "layers": "all",
     }
@@ -108,9 +110,9 @@ def build_spaces(config: ml_collections.ConfigDict, workdir: Path, instructions:
     if "untrained_agent" in embed.controls:
         spaces.append(_agent_space("untrained_agent", workdir, instructions))
     if "bag_of_words" in embed.controls:
-        spaces.append(Space("bag_of_words", {"space": "bag_of_words"}, lambda: bag_of_words(instructions)))
+        spaces.append(Space("bag_of_words", {"space": "bag_of_words", "kind": "control"}, lambda: bag_of_words(instructions)))
     if "random" in embed.controls:
-        identity = {"space": "random", "dim": embed.random_dim, "seed": config.seed}
+        identity = {"space": "random", "kind": "control", "dim": embed.random_dim, "seed": config.seed}
         spaces.append(Space("random", identity, lambda: random_gaussian(len(instructions), embed.random_dim, config.seed)))
     for name, spec in embed.models.items():
         if name in {s.name for s in spaces}:
