@@ -26,17 +26,35 @@ def define_config_flags(default_config: str = "configs/default.py") -> tuple[fla
     return config, workdir
 
 
-def define_distributed_flag() -> flags.FlagHolder:
-    """Defines ``--distributed``: multi-host runs call ``jax.distributed.initialize()`` before anything else."""
-    return flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
+class DistributedFlags:
+    """``--distributed`` and where to meet: ``--coordinator_address``, ``--num_processes``, ``--process_id``
+    (all three, or none to let ``jax.distributed.initialize()`` read the cluster from its environment)."""
 
+    def __init__(self):
+        self.distributed = flags.DEFINE_bool(
+            "distributed", False, "Run as one of several cooperating processes (jax.distributed), e.g. one per "
+            "host of a GPU cluster or TPU VM pod slice: start the same command in every process.")
+        self.coordinator_address = flags.DEFINE_string(
+            "coordinator_address", None, "With --distributed: HOST:PORT of process 0, where the processes meet.")
+        self.num_processes = flags.DEFINE_integer("num_processes", None, "With --distributed: processes in the job.")
+        self.process_id = flags.DEFINE_integer("process_id", None, "With --distributed: this process's index, 0..N-1.")
 
-def initialize_distributed(distributed_flag: flags.FlagHolder) -> None:
-    """Joins the multi-host cluster when ``--distributed`` is set (before any other JAX call)."""
-    if distributed_flag.value:
-        import jax
+    def initialize(self) -> None:
+        """Joins the job when ``--distributed`` is set (before any other JAX call). A process other than
+        process 0 then logs errors only: process 0 tells the story of the run."""
+        meeting = {"coordinator_address": self.coordinator_address.value, "num_processes": self.num_processes.value,
+                   "process_id": self.process_id.value}
+        if not self.distributed.value:
+            given = [f"--{name}" for name, value in meeting.items() if value is not None]
+            if given:
+                raise LvaaError(f"{', '.join(given)} without --distributed: add --distributed to run as one of "
+                                "several processes")
+            return
+        from lvaa_jax import distributed
 
-        jax.distributed.initialize()
+        distributed.initialize(**meeting)
+        if not distributed.is_primary():
+            logging.getLogger("lvaa_jax").setLevel(logging.ERROR)
 
 
 def resolve(config_flag: flags.FlagHolder, workdir_flag: flags.FlagHolder) -> tuple[ml_collections.ConfigDict, Path]:

@@ -7,6 +7,7 @@ the hash of every input table and of the align settings), and resumes where an i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -18,6 +19,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
+from lvaa_jax.distributed import is_primary, on_process_zero
 from lvaa_jax.files import log_to_file, sha256_file, write_json
 from lvaa_jax.runlock import hold_run_folder
 
@@ -30,7 +32,8 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str | Path, progres
     """Runs (or finishes) every stage in ``workdir`` and returns the path of ``alignment/report.md``.
 
     The settings of the first three stages are checked before any of them starts (alignment's bounds
-    depend on the number of instructions, known only after the demos).
+    depend on the number of instructions, known only after the demos). In a job of several processes
+    every process calls it, and each stage shares its work out (docs/distributed.md).
     """
     from lvaa_jax.agent.train import check_settings
     from lvaa_jax.babyai.generate import demo_settings
@@ -45,16 +48,14 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str | Path, progres
 
 def _run_stages(config: ml_collections.ConfigDict, workdir: Path, progress: bool) -> Path:
     from lvaa_jax.agent import train_and_evaluate
-    from lvaa_jax.alignment import align_tables
-    from lvaa_jax.alignment.training_curve import alignment_over_training
     from lvaa_jax.babyai import make_demos
     from lvaa_jax.embeddings import embed_instructions, load_table
 
     record_path = workdir / "pipeline.json"  # seconds per stage of every invocation, the last one in progress
-    record = json.loads(record_path.read_text()) if record_path.exists() else {"runs": []}
-    seconds: dict[str, float] = {}
-    record["runs"].append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": seconds})
-    with log_to_file(workdir / "logs" / "pipeline.log"):
+    record = on_process_zero(lambda: _new_record(record_path), f"{record_path}")
+    seconds: dict[str, float] = record["runs"][-1]["seconds"]
+    # In a job of several processes, each stage shares its work out itself; process 0 keeps the log.
+    with log_to_file(workdir / "logs" / "pipeline.log") if is_primary() else contextlib.nullcontext():
         evaluation = tables = None
         for stage in STAGES:
             log.info("stage %s", stage)
@@ -66,18 +67,38 @@ def _run_stages(config: ml_collections.ConfigDict, workdir: Path, progress: bool
             elif stage == "embed":
                 tables = {name: load_table(path) for name, path in embed_instructions(config, workdir, progress).items()}
             else:
-                out = workdir / "alignment"
-                inputs = _alignment_inputs(config, workdir)
-                if (out / "inputs.json").exists() and json.loads((out / "inputs.json").read_text()) == inputs:
-                    log.info("alignment of these tables is up to date in %s", out)
-                else:
-                    sections = {**alignment_over_training(workdir, config.align, out, tables),
-                                **_report_sections(config, workdir, evaluation, record)}
-                    align_tables(tables, config.align, out, sections)
-                    write_json(out / "inputs.json", inputs)
+                _align(config, workdir, tables, evaluation, record)
             seconds[stage] = round(time.perf_counter() - start, 1)
-            write_json(record_path, record)
+            on_process_zero(lambda: write_json(record_path, record), f"{record_path}")
     return workdir / "alignment" / "report.md"
+
+
+def _align(config: ml_collections.ConfigDict, workdir: Path, tables: dict, evaluation: dict, record: dict) -> None:
+    """The alignment stage, unless ``alignment/`` was written from these tables and settings."""
+    from lvaa_jax.alignment import align_tables
+    from lvaa_jax.alignment.training_curve import alignment_over_training
+
+    out = workdir / "alignment"
+    inputs = on_process_zero(lambda: _alignment_inputs(config, workdir), "the alignment's inputs")
+    if on_process_zero(lambda: _written_for(out, inputs), f"{out / 'inputs.json'}"):
+        log.info("alignment of these tables is up to date in %s", out)
+        return
+    sections = on_process_zero(lambda: {**alignment_over_training(workdir, config.align, out, tables),
+                                        **_report_sections(config, workdir, evaluation, record)}, "the report's sections")
+    align_tables(tables, config.align, out, sections)
+    on_process_zero(lambda: write_json(out / "inputs.json", inputs), f"{out / 'inputs.json'}")
+
+
+def _written_for(out: Path, inputs: dict) -> bool:
+    """Whether the alignment in ``out`` was written from these inputs."""
+    return (out / "inputs.json").exists() and json.loads((out / "inputs.json").read_text()) == inputs
+
+
+def _new_record(path: Path) -> dict:
+    """``pipeline.json`` with this invocation appended, its stages' seconds still empty."""
+    record = json.loads(path.read_text()) if path.exists() else {"runs": []}
+    record["runs"].append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": {}})
+    return record
 
 
 def headline(report_dir: Path, space: str = "action") -> str:

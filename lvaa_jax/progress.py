@@ -17,6 +17,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from lvaa_jax.distributed import is_primary
+
 log = logging.getLogger(__name__)
 LINE_SECONDS = 10.0  # between two progress lines when stderr is not a terminal
 
@@ -146,8 +148,9 @@ def progress_bar(iterable: Iterable | None = None, *, total: int | None = None, 
                  initial: int = 0, leave: bool = True, disable: bool = False) -> Any:
     """Progress over ``iterable`` (iterate it) or up to ``total`` (call ``update``), as a context manager:
     a tqdm bar when stderr is a terminal (``leave=False``: the bar goes when done), plain log lines
-    otherwise; both log one summary line at the end. ``set_postfix(loss=...)`` adds figures to both."""
-    if disable:
+    otherwise; both log one summary line at the end. ``set_postfix(loss=...)`` adds figures to both.
+    In a job of several processes, process 0 alone shows progress."""
+    if disable or not is_primary():
         return _Off(iterable)
     if sys.stderr.isatty():
         return _Bar(iterable, total=total, desc=desc, unit=unit, initial=initial, leave=leave)

@@ -2,6 +2,7 @@
 
     python scripts/align.py --embeddings=runs/default/embeddings --k=15 --out=runs/default/alignment
     python scripts/align.py --workdir=runs/default   # the same folders, from the run folder
+    python scripts/align.py --distributed ...        # one of several processes: docs/distributed.md
 
 Every other setting is the ``align`` section of --config (``--config.align.permutations=1000``).
 """
@@ -17,11 +18,14 @@ CONFIG, WORKDIR = cli.define_config_flags()
 EMBEDDINGS = flags.DEFINE_string("embeddings", None, "Folder of <space>.npz tables (default: <workdir>/embeddings).")
 OUT = flags.DEFINE_string("out", None, "Output folder (default: <workdir>/alignment).")
 K = flags.DEFINE_integer("k", None, "Neighbours per instruction for precision@k (default: the config's align.k).")
+DISTRIBUTED = cli.DistributedFlags()
 
 
 def main(argv):
+    DISTRIBUTED.initialize()
     from lvaa_jax.alignment import align_folder
     from lvaa_jax.alignment.training_curve import alignment_over_training
+    from lvaa_jax.distributed import is_primary, on_process_zero
     from lvaa_jax.runlock import hold_run_folder
 
     config, workdir = cli.resolve(CONFIG, WORKDIR)
@@ -32,8 +36,11 @@ def main(argv):
     writes_workdir = out.resolve().is_relative_to(workdir.resolve())
     with hold_run_folder(workdir) if writes_workdir else contextlib.nullcontext():
         # Reading the run folder's own tables, also score its snapshots of training (if it has any).
-        sections = {} if EMBEDDINGS.value else alignment_over_training(workdir, config.align, out)
+        sections = {} if EMBEDDINGS.value else on_process_zero(
+            lambda: alignment_over_training(workdir, config.align, out), "the alignment over training")
         summary = align_folder(EMBEDDINGS.value or workdir / "embeddings", config.align, out, sections)
+    if not is_primary():
+        return
     print(f"N = {summary['n']} instructions, k = {summary['k']}, chance {summary['chance']:.4f}")
     for pair in summary["pairs"]:
         last, best = pair["last"], pair["best"]

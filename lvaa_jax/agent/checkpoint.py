@@ -4,6 +4,10 @@ Each step folder also gets ``files.json``: the size and sha256 of every file orb
 demo manifest does for shards). A restore checks it first, so a truncated or altered file is found by
 name before orbax reads it, and the newest intact checkpoint is restored instead, with a warning. A
 checkpoint without the record (killed between orbax's commit and the record) is restored unchecked.
+
+In a job of several processes, every process saves and restores (orbax writes each array once, from the
+process that holds its first replica); process 0 writes ``config.json`` and ``files.json``, checks a
+step's files, and sets damaged steps aside, and every process takes its decisions.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import orbax.checkpoint as ocp
 from flax.training.train_state import TrainState
 
 from lvaa_jax.babyai import WindowBatches
+from lvaa_jax.distributed import gather, on_every_process, on_process_zero, process_index
 from lvaa_jax.errors import LvaaError
 from lvaa_jax.files import naming, read_json, sha256_file, write_json
 
@@ -80,9 +85,13 @@ class Checkpoints:
 
     def __init__(self, directory: Path, config: ml_collections.ConfigDict, keep: int):
         directory = directory.absolute()
-        directory.mkdir(parents=True, exist_ok=True)
-        if not check_compatible(directory, config):
-            write_json(directory / CONFIG_FILE, json.loads(config.to_json()))
+
+        def prepare() -> None:
+            directory.mkdir(parents=True, exist_ok=True)
+            if not check_compatible(directory, config):
+                write_json(directory / CONFIG_FILE, json.loads(config.to_json()))
+
+        on_process_zero(prepare, f"{directory / CONFIG_FILE}")
         # Saves are synchronous: files.json can only be written once orbax has committed the step, and
         # a save takes milliseconds at these sizes (every few hundred steps).
         self.manager = open_manager(directory, max_to_keep=keep, create=True, enable_async_checkpointing=False)
@@ -94,17 +103,20 @@ class Checkpoints:
         if found is None:
             return state
         step, restored, damaged = found
+        on_process_zero(lambda: self._set_aside(damaged), "damaged checkpoints set aside")
+        if damaged:
+            self.manager.reload()
+        batches.restore(restored["data"])
+        log.info("resumed from the checkpoint at step %d", step)
+        return state.replace(**restored["state"])
+
+    def _set_aside(self, damaged: list[int]) -> None:
         for bad in damaged:
             target = self.manager.directory / DAMAGED / str(bad)
             shutil.rmtree(target, ignore_errors=True)
             target.parent.mkdir(exist_ok=True)
             os.replace(self.manager.directory / str(bad), target)
             log.warning("moved the damaged checkpoint of step %d to %s", bad, target)
-        if damaged:
-            self.manager.reload()
-        batches.restore(restored["data"])
-        log.info("resumed from the checkpoint at step %d", step)
-        return state.replace(**restored["state"])
 
     def save(self, step: int, state: TrainState, batches: WindowBatches) -> None:
         step_dir = Path(self.manager.directory) / str(step)
@@ -119,15 +131,20 @@ class Checkpoints:
                 self.manager.wait_until_finished()
         except Exception as error:
             raise storage_error(error, self.manager.directory) or error from None
-        record_files(step_dir)
+        on_process_zero(lambda: record_files(step_dir), f"{step_dir / FILES}")
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
 
 
-def open_manager(directory: Path, **options) -> ocp.CheckpointManager:
+def open_manager(directory: Path, alone: bool = False, **options) -> ocp.CheckpointManager:
+    """Orbax's manager of ``directory``, used by every process of the job (``alone``: by this process only,
+    as process 0 reading an agent while the others wait)."""
     _drop_abandoned_callback_errors()
+    if alone:
+        options["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+            primary_host=process_index(), active_processes={process_index()})
     return ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(**options), item_names=("state", "data")
     )
@@ -171,17 +188,21 @@ def restore_newest(
 ) -> tuple[int, dict, list[int]] | None:
     """The newest checkpoint (of ``steps``, default all) that restores: (step, restored, the newer damaged
     steps skipped), or None when there is none. Each skipped step is logged with what is wrong with it;
-    when every one is damaged, a one-line error says so."""
+    when every one is damaged, a one-line error says so.
+
+    In a job of several processes, process 0 checks the files and every process restores; a step that one
+    process cannot read is skipped by all."""
     problems = {}
     for step in sorted(manager.all_steps() if steps is None else steps, reverse=True):
         step_dir = Path(manager.directory) / str(step)
-        problem = damage(step_dir)
+        problem, checked = on_process_zero(lambda: (damage(step_dir), (step_dir / FILES).exists()),  # noqa: B023
+                                           f"the check of {step_dir}")
         if problem is None:
-            try:
-                restored = restore(manager, step, state, with_data, checked=(step_dir / FILES).exists())
-            except _Unreadable as error:
-                problem = str(error)
-            else:
+            restored, problem = on_every_process(
+                lambda: _restored_or_problem(manager, step, state, with_data, checked),  # noqa: B023
+                f"the restore of {step_dir}")
+            problem = next(filter(None, gather(problem, f"the restore of {step_dir}")), None)
+            if problem is None:
                 return step, restored, list(problems)
         log.warning("%s: the checkpoint at step %d is damaged (%s); trying the one before", manager.directory,
                     step, problem)
@@ -197,6 +218,14 @@ def restore_newest(
 
 class _Unreadable(Exception):
     """A checkpoint without ``files.json`` that orbax failed to read."""
+
+
+def _restored_or_problem(manager: ocp.CheckpointManager, step: int, state: TrainState, with_data: bool,
+                         checked: bool) -> tuple[dict | None, str | None]:
+    try:
+        return restore(manager, step, state, with_data, checked), None
+    except _Unreadable as error:
+        return None, str(error)
 
 
 def restore(manager: ocp.CheckpointManager, step: int, state: TrainState, with_data: bool,

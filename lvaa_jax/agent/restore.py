@@ -32,16 +32,19 @@ class RestoredAgent:
 def restore_agent(workdir: str | Path, step: int | None = None, trained: bool = True) -> RestoredAgent:
     """The agent of ``<workdir>``: its newest checkpoint (or ``step``), or with ``trained=False`` the same
     architecture at its initial parameters (the untrained control). A damaged newest checkpoint is a
-    one-line error pointing to training, which restores it exactly: the run's agent is the newest one."""
+    one-line error pointing to training, which restores it exactly: the run's agent is the newest one.
+
+    It reads on this process alone, onto its first device (in a job of several processes, process 0
+    embeds while the others wait)."""
     workdir = Path(workdir)
     directory = (workdir / "checkpoints").absolute()
     config = saved_config(directory)
     dataset = load_demos(workdir / "demos", verify=False)
     model = Agent.from_config(config.model, dataset.tokenizer.size, dataset.max_instruction_length)
-    state = create_state(model, config, make_mesh(jax.devices()[:1]))
+    state = create_state(model, config, make_mesh(jax.local_devices()[:1]))
     if not trained:
         return RestoredAgent(model, state.params, dataset.tokenizer, config, 0)
-    with open_manager(directory, create=False) as manager:
+    with open_manager(directory, alone=True, create=False) as manager:
         if step is not None and step not in manager.all_steps():
             raise LvaaError(f"{directory}: no checkpoint at step {step}; its steps: {list(manager.all_steps())}")
         found = restore_newest(manager, state, with_data=False, steps=None if step is None else [step])

@@ -31,6 +31,7 @@ from lvaa_jax.config_checks import (
     POSITIVE_INT,
     check_section,
 )
+from lvaa_jax.distributed import local_copy, on_process_zero
 from lvaa_jax.errors import LvaaError
 from lvaa_jax.files import append_csv, drop_rows_after, naming
 from lvaa_jax.progress import progress_bar
@@ -142,12 +143,18 @@ def make_train_step(model: Agent, mesh: Mesh, seed: int) -> Callable[[TrainState
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> Batch:
-    """Places this host's rows of a global numpy batch on the mesh (one host: all of them)."""
+    """Places this process's rows of a global numpy batch on the mesh (one process: all of them): the rows
+    its devices hold, wherever the mesh puts them."""
     sharding = NamedSharding(mesh, PartitionSpec("data"))
-    rows = len(next(iter(batch.values())))
-    per_host = rows // jax.process_count()
-    local = slice(jax.process_index() * per_host, (jax.process_index() + 1) * per_host)
+    local = process_rows(sharding, len(next(iter(batch.values()))))
     return {k: jax.make_array_from_process_local_data(sharding, v[local], v.shape) for k, v in batch.items()}
+
+
+def process_rows(sharding: NamedSharding, rows: int) -> slice:
+    """The rows of a [rows, ...] array that this process's devices hold under ``sharding`` (contiguous on a
+    one-axis mesh)."""
+    held = [index[0] for index in sharding.addressable_devices_indices_map((rows,)).values()]
+    return slice(min(s.start or 0 for s in held), max(rows if s.stop is None else s.stop for s in held))
 
 
 def create_state(model: Agent, config: ml_collections.ConfigDict, mesh: Mesh) -> TrainState:
@@ -171,7 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, p
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, progress: bool) -> dict:
     dataset = load_demos(workdir / "demos")
     check_demos_match(config, dataset)
-    finished = finished_evaluation(config, workdir)
+    finished = on_process_zero(lambda: finished_evaluation(config, workdir), "the check for a finished run")
     if finished is not None:
         log.info("%s: training finished earlier; its final evaluation is in %s/eval", workdir, workdir)
         return finished
@@ -189,10 +196,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, progre
     start = int(state.step)
     snapshots.record_if_due(start, state.params)  # step 0, or the step a resumed run starts from
     train_step = make_train_step(model, mesh, config.seed)
-    metrics_dir = workdir / "metrics"
-    metrics_dir.mkdir(parents=True, exist_ok=True)
-    writer = MetricsWriter(metrics_dir, resume_step=start)
-    drop_evaluations_after(workdir, start)
+    writer = MetricsWriter(workdir / "metrics", resume_step=start)
+    on_process_zero(lambda: drop_evaluations_after(workdir, start), f"{workdir / 'eval'}")
     pending: list[dict] = []
     tick = time.perf_counter()
     try:
@@ -216,14 +221,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path, progre
                     checkpoints.save(step, state, batches)
                 snapshots.record_if_due(step, state.params)
                 if train.eval_every and step % train.eval_every == 0 and step != train.steps:
-                    write_evaluation(workdir, step, evaluate_agent(config, model, state.params, dataset, progress))
+                    evaluate_and_write(config, model, state.params, dataset, workdir, step, progress)
                 bar.update()
     finally:
         checkpoints.close()
         writer.close()
-    evaluation = evaluate_agent(config, model, state.params, dataset, progress)
-    write_evaluation(workdir, int(state.step), evaluation)
-    return evaluation
+    return evaluate_and_write(config, model, state.params, dataset, workdir, int(state.step), progress)
 
 
 def finished_evaluation(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
@@ -238,6 +241,19 @@ def finished_evaluation(config: ml_collections.ConfigDict, workdir: str | Path) 
     return json.loads(final.read_text())
 
 
+def evaluate_and_write(config, model: Agent, params, dataset: DemoDataset, workdir: Path, step: int,
+                       progress: bool) -> dict:
+    """The closed-loop evaluation at ``step``, written to ``eval/``: by process 0 alone (on its copy of the
+    parameters), the others waiting for its result."""
+
+    def run() -> dict:
+        evaluation = evaluate_agent(config, model, local_copy(params), dataset, progress)
+        write_evaluation(workdir, step, evaluation)
+        return evaluation
+
+    return on_process_zero(run, f"the evaluation at step {step}")
+
+
 def evaluate_agent(config, model: Agent, params, dataset: DemoDataset, progress: bool) -> dict:
     return evaluate(
         model, params, dataset.tokenizer, dataset.levels, config.eval.episodes_per_level, config.seed,
@@ -249,22 +265,35 @@ class MetricsWriter:
     """Tensorboard event files (tensorboardX: no TensorFlow needed) and one CSV per split.
 
     On resume, rows a killed run logged after its last checkpoint are dropped, so each step appears once.
+    In a job of several processes, every process calls it and process 0 writes.
     """
 
     def __init__(self, directory: Path, resume_step: int):
+        self.directory = directory
+        self.tensorboard = None
+        on_process_zero(lambda: self._open(resume_step), f"{directory}")
+
+    def _open(self, resume_step: int) -> None:
         from tensorboardX import SummaryWriter
 
-        self.directory = directory
-        self.tensorboard = SummaryWriter(str(directory), purge_step=resume_step + 1)
-        for path in directory.glob("*.csv"):
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.tensorboard = SummaryWriter(str(self.directory), purge_step=resume_step + 1)
+        for path in self.directory.glob("*.csv"):
             drop_rows_after(path, resume_step)
 
     def write(self, step: int, values: dict[str, float], split: str) -> None:
+        on_process_zero(lambda: self._write(step, values, split), f"{self.directory} at step {step}")
+
+    def _write(self, step: int, values: dict[str, float], split: str) -> None:
         with naming(self.directory):  # tensorboardX's writes name no file
             for k, v in values.items():
                 self.tensorboard.add_scalar(f"{split}/{k}", v, step)
         append_csv(self.directory / f"{split}.csv", {"step": step, **{k: f"{v:.6g}" for k, v in values.items()}})
 
     def close(self) -> None:
-        with naming(self.directory):
-            self.tensorboard.close()
+        def close() -> None:
+            if self.tensorboard is not None:
+                with naming(self.directory):
+                    self.tensorboard.close()
+
+        on_process_zero(close, f"{self.directory} closed")

@@ -25,6 +25,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 
 from lvaa_jax.alignment.spaces import check_k, check_same_n, check_space, unit_rows
+from lvaa_jax.distributed import cooperating, gathered, replicated_on
 from lvaa_jax.errors import LvaaError
 
 QUANTA_PER_UNIT = 1_000_000  # similarities are rounded to multiples of 1e-6
@@ -61,7 +62,8 @@ def knn_indices(x, k: int, *, block_size: int | None = None, devices: Sequence[j
     The row itself is excluded; neighbours are sorted by decreasing quantised similarity, ties to the lower
     index. Computed on ``block_size`` x ``block_size`` tiles of the similarity matrix (default from N and
     the device), so peak memory is N * k + block^2 per device besides x itself, and the tiles are split over
-    ``devices`` (default: all). ``name`` labels the space in error messages.
+    ``devices`` (default: all, those of every process in a job of several, each of which then gets the
+    whole result as an array of its own). ``name`` labels the space in error messages.
     """
     return nearest_neighbours(x, k, block_size=block_size, devices=devices, name=name)[1]
 
@@ -73,12 +75,16 @@ def nearest_neighbours(x, k: int, *, block_size: int | None = None, devices: Seq
     x = check_space(x, name)
     n = x.shape[0]
     k = check_k(k, n)
-    devices = tuple(jax.devices() if devices is None else devices)
+    if devices is None:  # in a block process 0 runs alone (the training curve), its own devices
+        devices = jax.devices() if cooperating() else jax.local_devices()
+    devices = tuple(devices)
     if block_size is None:
         block_size = default_block_size(n, len(devices), devices[0].platform)
     elif isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
         raise LvaaError(f"block_size={block_size!r}: must be a positive integer")
-    values, ids = _knn(x, k=k, block=int(block_size), mesh=data_mesh(devices))
+    mesh = data_mesh(devices)
+    # Over a mesh of several processes, x enters as one replicated array and the lists come back whole.
+    values, ids = gathered(_knn(replicated_on(x, mesh), k=k, block=int(block_size), mesh=mesh), mesh)
     return values / QUANTA_PER_UNIT, ids
 
 

@@ -58,6 +58,7 @@ from lvaa_jax.alignment.stats import (
     permutation_null,
 )
 from lvaa_jax.config_checks import BOOLEAN, NON_NEGATIVE_INT, POSITIVE_INT, check_values
+from lvaa_jax.distributed import on_process_zero
 from lvaa_jax.embeddings.table import EmbeddingTable, load_table
 from lvaa_jax.errors import LvaaError
 from lvaa_jax.progress import progress_bar
@@ -169,7 +170,7 @@ def align_tables(tables: Mapping[str, EmbeddingTable], config: ml_collections.Co
                         "CKNNA divide by N (N - 3))")
     s = Settings.from_config(config, n)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    on_process_zero(lambda: out_dir.mkdir(parents=True, exist_ok=True), "the alignment folder")  # fail early
     num_layers = [tables[name].num_layers for name in names]
     key = jax.random.key(s.seed)
 
@@ -238,9 +239,13 @@ def align_tables(tables: Mapping[str, EmbeddingTable], config: ml_collections.Co
                                        CI_LEVEL)
     summary = _summary(names, tables, kinds, n, s, space_pairs, scores, rsa_rows.size, skipped, ties, undefined,
                        baseline["families"])
-    _write(out_dir, summary, names, s, space_pairs, scores, companions | family, lp, raw, sweep, num_layers,
-           baseline["records"], extra_sections or {})
-    return summary
+
+    def write() -> dict:  # process 0 alone (every process scored the lists it got back)
+        _write(out_dir, summary, names, s, space_pairs, scores, companions | family, lp, raw, sweep, num_layers,
+               baseline["records"], extra_sections or {})
+        return summary
+
+    return on_process_zero(write, f"the alignment files in {out_dir}")
 
 
 def _constant(x: jax.Array) -> bool:

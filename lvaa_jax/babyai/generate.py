@@ -34,6 +34,7 @@ from lvaa_jax.babyai.levels import check_levels
 from lvaa_jax.babyai.rollout import level_missions, roll_episodes
 from lvaa_jax.babyai.tokenizer import Tokenizer
 from lvaa_jax.config_checks import NON_NEGATIVE_INT, POSITIVE_INT, check_section
+from lvaa_jax.distributed import on_process_zero
 from lvaa_jax.errors import LvaaError
 from lvaa_jax.files import read_json, sha256_file, write_json
 from lvaa_jax.progress import progress_bar
@@ -68,7 +69,8 @@ def demo_settings(config: ml_collections.ConfigDict) -> dict:
 def make_demos(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool = True) -> DemoDataset:
     """Writes ``<workdir>/demos`` (see dataset.py for the format) and returns it loaded.
 
-    Interrupted runs continue from their finished shards; a finished dataset is returned as is.
+    Interrupted runs continue from their finished shards; a finished dataset is returned as is. In a job
+    of several processes, process 0 makes them (in its worker processes) and the others wait to load them.
     """
     settings = demo_settings(config)
     return _make_demos(config, settings, Path(workdir), progress)
@@ -76,14 +78,18 @@ def make_demos(config: ml_collections.ConfigDict, workdir: str | Path, progress:
 
 @holds_run_folder
 def _make_demos(config: ml_collections.ConfigDict, settings: dict, workdir: Path, progress: bool) -> DemoDataset:
-    demos = workdir / "demos"
+    on_process_zero(lambda: _write_demos(config, settings, workdir / "demos", progress), "the demos")
+    return load_demos(workdir / "demos")
+
+
+def _write_demos(config: ml_collections.ConfigDict, settings: dict, demos: Path, progress: bool) -> None:
     demos.mkdir(parents=True, exist_ok=True)
     _check_same_settings(demos, settings)
     for stale in [*demos.glob("shard_*.tmp"), *demos.glob("*.json.tmp")]:  # half-written by a killed run
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     if (demos / MANIFEST).exists():
         log.info("demos in %s are complete; nothing to do", demos)
-        return load_demos(demos)
+        return
 
     levels = settings["levels"]
     with _pool(int(config.data.num_workers)) as submit:
@@ -102,7 +108,6 @@ def _make_demos(config: ml_collections.ConfigDict, settings: dict, workdir: Path
             for done in futures.as_completed(pending):
                 bar.update(done.result())
     _write_manifest(demos, settings)
-    return load_demos(demos)
 
 
 def check_demos_match(config: ml_collections.ConfigDict, dataset: DemoDataset) -> None:

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from lvaa_jax.config_checks import POSITIVE_INT, check_section
+from lvaa_jax.distributed import on_process_zero
 from lvaa_jax.embeddings.controls import bag_of_words, check_instructions, random_gaussian
 from lvaa_jax.embeddings.table import instructions_hash, read_meta, save_table
 from lvaa_jax.errors import LvaaError
@@ -126,9 +127,19 @@ def check_embed_settings(config: ml_collections.ConfigDict) -> None:
 
 @holds_run_folder
 def embed_instructions(config: ml_collections.ConfigDict, workdir: str | Path, progress: bool = True) -> dict[str, Path]:
-    """Writes ``<workdir>/embeddings/<space>.npz`` for every space and ``instructions.json``; returns the tables."""
+    """Writes ``<workdir>/embeddings/<space>.npz`` for every space and ``instructions.json``; returns the tables.
+
+    In a job of several processes, process 0 embeds (the language models run on its devices) and the
+    others wait for the tables.
+    """
     check_embed_settings(config)
     workdir = Path(workdir)
+    tables = on_process_zero(lambda: {name: str(path) for name, path in _embed(config, workdir, progress).items()},
+                             "the embedding tables")
+    return {name: Path(path) for name, path in tables.items()}
+
+
+def _embed(config: ml_collections.ConfigDict, workdir: Path, progress: bool) -> dict[str, Path]:
     out = workdir / "embeddings"
     out.mkdir(parents=True, exist_ok=True)
     instructions = instruction_set(config, workdir)
