@@ -26,6 +26,9 @@ try:
 except ImportError as e:
     raise LvaaError(f"the torch backend needs {e.name}: pip install -e .[hf,torch]") from None
 
+# transformers' weight-loading bar redraws in log files; the embedding stage logs each model's load instead.
+transformers.utils.logging.disable_progress_bar()
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
